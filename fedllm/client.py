@@ -1,0 +1,273 @@
+"""One institution's Flower client: check the budget, reserve the spend, train with DP-SGD, send the update.
+
+The order inside :meth:`FedClient.fit` is the privacy argument. The budget is checked against the
+client's own ledger before anything touches the data; the round's spend is written (and fsync'd) before
+training starts, so a crash can only over-count; the epsilon sent back is read from the accountant Opacus
+advanced step by step, and must equal the projection the check approved.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Iterator, MutableMapping
+from dataclasses import dataclass, replace
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+import torch
+from flwr.app import ConfigRecord, Context
+from flwr.client import NumPyClient
+
+from fedllm.accounting import Mechanism, history_of, make_accountant
+from fedllm.budget import ClientBudget, plan_mechanism
+from fedllm.config import FederationConfig, ModelConfig, config_hash
+from fedllm.data import ClientSplit
+from fedllm.ledger import Ledger, entry_to_metrics, make_entry
+from fedllm.model import arrays_hash, build_model, get_trainable, load_tokenizer, pick_device, set_trainable
+from fedllm.runspec import RunSpec, federation_data
+from fedllm.signing import load_or_create_key, public_openssh, sign
+from fedllm.training import DPSettings, TokenizedDataset, evaluate, train_dp, train_plain
+
+log = logging.getLogger("fedllm.client")
+
+# Statuses a client reports for a round; the coordinator adds "dropped" for clients that never answered.
+TRAINED, REFUSED = "trained", "refused"
+NO_MECHANISM = Mechanism(noise_multiplier=0.0, sample_rate=0.0, steps=0, max_grad_norm=0.0)
+
+
+class NodeState(MutableMapping[str, str]):
+    """Flower's per-node state (survives across rounds of a run, not a node restart) as a str mapping."""
+
+    RECORD = "fedllm"
+
+    def __init__(self, context: Context):
+        records = context.state.config_records
+        if self.RECORD not in records:
+            records[self.RECORD] = ConfigRecord()
+        self._record = records[self.RECORD]
+
+    def __getitem__(self, key: str) -> str:
+        return str(self._record[key])
+
+    def __setitem__(self, key: str, value: str) -> None:
+        self._record[key] = value
+
+    def __delitem__(self, key: str) -> None:
+        del self._record[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._record)
+
+    def __len__(self) -> int:
+        return len(self._record)
+
+
+@dataclass
+class NodeAssets:
+    """What a node prepares once and reuses every round: tokenized data and the model object."""
+
+    split: ClientSplit
+    num_labels: int
+    train: TokenizedDataset
+    test: TokenizedDataset
+
+
+@lru_cache(maxsize=1)
+def _model(model_cfg: ModelConfig, num_labels: int) -> torch.nn.Module:
+    """One model object per process; every round overwrites all its trainable tensors before use."""
+    return build_model(model_cfg, num_labels)
+
+
+@lru_cache(maxsize=64)
+def _assets(config: FederationConfig, client_id: str) -> NodeAssets:
+    fed = federation_data(config)
+    split = next(c for c in fed.clients if c.client_id == client_id)
+    tokenizer = load_tokenizer(config.model.name)
+    return NodeAssets(
+        split=split,
+        num_labels=len(fed.label_names),
+        train=TokenizedDataset(split.train, tokenizer, config.model.max_length),
+        test=TokenizedDataset(split.test, tokenizer, config.model.max_length),
+    )
+
+
+class FedClient(NumPyClient):
+    def __init__(
+        self,
+        *,
+        config: FederationConfig,
+        client_id: str,
+        state_dir: Path,
+        node_state: MutableMapping[str, str],
+        run_id: str,
+        assets: NodeAssets | None = None,
+    ):
+        self.config = config
+        self.client_id = client_id
+        self.privacy = config.client_privacy(client_id)
+        self.state_dir = state_dir
+        self.node_state = node_state
+        self.run_id = run_id
+        self.assets = assets or _assets(config, client_id)
+        self.device = pick_device(config.training.device)
+
+    # -------------------------------------------------------------------------------------------- helpers
+
+    def _model_with(self, parameters: list[np.ndarray]) -> torch.nn.Module:
+        model = _model(self.config.model, self.assets.num_labels)
+        set_trainable(model, parameters)
+        return model
+
+    def _mechanism(self) -> Mechanism:
+        t = self.config.training
+        return plan_mechanism(
+            self.privacy,
+            num_examples=len(self.assets.train),
+            batch_size=t.batch_size,
+            local_steps=t.local_steps,
+            planned_rounds=self.privacy.planned_rounds or self.config.rounds,
+            source=f"client '{self.client_id}'",
+        )
+
+    def _report(
+        self, server_round: int, status: str, mechanism: Mechanism, epsilon: float, update: list[np.ndarray] | None
+    ) -> dict:
+        """The round's ledger row, signed with this node's key: the coordinator files it verbatim.
+
+        The signature covers the mechanism, epsilon and budget, so neither the coordinator nor anyone
+        after it can alter what this client says it spent without the audit noticing.
+        """
+        dp = self.config.privacy.enabled
+        entry = make_entry(
+            run_id=self.run_id,
+            round=server_round,
+            client_id=self.client_id,
+            status=status,
+            mechanism=mechanism,
+            delta=self.privacy.delta,
+            accountant=self.privacy.accountant if dp else "none",
+            epsilon=epsilon,
+            budget_epsilon=self.privacy.epsilon if dp else math.inf,
+            config_hash=config_hash(self.config),
+            model_hash=arrays_hash(update) if update else "",
+        )
+        key = load_or_create_key(self.state_dir / "node_key")
+        entry = replace(entry, signer=public_openssh(key), signature=sign(key, entry.signed_payload()))
+        return entry_to_metrics(entry)
+
+    # -------------------------------------------------------------------------------------------- Flower
+
+    def fit(self, parameters: list[np.ndarray], config: dict) -> tuple[list[np.ndarray], int, dict]:
+        server_round = int(config.get("server-round", 0))
+        if not self.config.privacy.enabled:
+            return self._fit_plain(parameters, server_round)
+        with Ledger(self.state_dir / "ledger.sqlite") as ledger:
+            budget = ClientBudget(ledger, self.client_id, self.privacy, self.node_state)
+            mechanism = self._mechanism()
+            decision = budget.decide(mechanism)
+            hashes = {"model_hash": arrays_hash(parameters), "config_hash": config_hash(self.config)}
+            if not decision.allowed:
+                log.warning(
+                    "client %s refuses round %s: epsilon would reach %.4f > budget %.4f (spent %.4f)",
+                    self.client_id,
+                    server_round,
+                    decision.epsilon_after,
+                    self.privacy.epsilon,
+                    decision.spent_epsilon,
+                )
+                budget.record(
+                    run_id=self.run_id,
+                    round=server_round,
+                    status=REFUSED,
+                    mechanism=NO_MECHANISM,
+                    epsilon=decision.spent_epsilon,
+                    **hashes,
+                )
+                metrics = self._report(server_round, REFUSED, NO_MECHANISM, decision.spent_epsilon, None)
+                metrics["projected-epsilon"] = decision.epsilon_after
+                return [], 0, metrics
+            history_before = budget.history()
+            # Write-ahead: the spend is on disk before a single example is read.
+            budget.record(
+                run_id=self.run_id,
+                round=server_round,
+                status="reserved",
+                mechanism=mechanism,
+                epsilon=decision.epsilon_after,
+                **hashes,
+            )
+            accountant = make_accountant(self.privacy.accountant, history_before)
+            model = self._model_with(parameters)
+            try:
+                torch.seed()  # fresh, unpredictable noise and sampling: the model build reseeded the RNG
+                result = train_dp(
+                    model,
+                    self.assets.train,
+                    steps=mechanism.steps,
+                    batch_size=self.config.training.batch_size,
+                    learning_rate=self.config.training.learning_rate,
+                    dp=DPSettings(mechanism.noise_multiplier, mechanism.max_grad_norm, self.config.model.mode),
+                    accountant=accountant,
+                    device=self.device,
+                )
+            except BaseException:
+                budget.record(
+                    run_id=self.run_id,
+                    round=server_round,
+                    status="failed",
+                    mechanism=mechanism,
+                    epsilon=decision.epsilon_after,
+                )
+                raise
+            if accountant.history != history_of(budget.spent) or not math.isclose(
+                result.sample_rate, mechanism.sample_rate
+            ):
+                raise RuntimeError("the mechanism that ran differs from the one reserved; refusing to report")
+            epsilon = budget.epsilon()
+            budget.record(
+                run_id=self.run_id, round=server_round, status=TRAINED, mechanism=mechanism, epsilon=epsilon, **hashes
+            )
+        update = get_trainable(model)
+        metrics = self._report(server_round, TRAINED, mechanism, epsilon, update)
+        metrics.update({"loss": result.loss, "empty-batches": result.empty_batches})
+        return update, len(self.assets.train), metrics
+
+    def _fit_plain(self, parameters: list[np.ndarray], server_round: int) -> tuple[list[np.ndarray], int, dict]:
+        """The non-private baseline, labelled as such in every record (epsilon infinite)."""
+        model = self._model_with(parameters)
+        result = train_plain(
+            model,
+            self.assets.train,
+            steps=self.config.training.local_steps,
+            batch_size=self.config.training.batch_size,
+            learning_rate=self.config.training.learning_rate,
+            device=self.device,
+        )
+        mechanism = Mechanism(0.0, result.sample_rate, result.steps, math.inf)
+        update = get_trainable(model)
+        metrics = self._report(server_round, TRAINED, mechanism, math.inf, update)
+        metrics["loss"] = result.loss
+        return update, len(self.assets.train), metrics
+
+    def evaluate(self, parameters: list[np.ndarray], config: dict) -> tuple[float, int, dict]:
+        """Local test split; runs only when the scenario opts in to federated evaluation."""
+        model = self._model_with(parameters)
+        loss, accuracy = evaluate(
+            model, self.assets.test, batch_size=self.config.training.eval_batch_size, device=self.device
+        )
+        return float(loss), len(self.assets.test), {"accuracy": accuracy, "client-id": self.client_id}
+
+
+def client_for(spec: RunSpec, context: Context) -> FedClient:
+    """Simulation: the node's partition id picks its institution from the scenario's client list."""
+    partition = int(context.node_config["partition-id"])
+    client_id = spec.config.clients[partition].id
+    return FedClient(
+        config=spec.config,
+        client_id=client_id,
+        state_dir=spec.client_dir(client_id),
+        node_state=NodeState(context),
+        run_id=str(context.run_id),
+    )

@@ -1,0 +1,360 @@
+"""The federation's configuration: one typed, validated object resolved from a scenario TOML and flags.
+
+A scenario is data, not code, so a run can be reproduced from the ``config.toml`` it wrote. Every value is
+checked here, once, with an error that names the file and the field; nothing downstream re-validates.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import tomllib
+import types
+import typing
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any
+
+import tomli_w
+
+from fedllm.data import DataConfig
+from fedllm.errors import ConfigError
+from fedllm.paths import PROJECT_ROOT
+
+SCENARIO_DIR = PROJECT_ROOT / "simulations"
+DEFAULT_SCENARIO = "hospitals"
+MODES = ("lora", "last-layers", "full")
+ACCOUNTANTS = ("prv", "rdp")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Which BERT-family checkpoint and which of its tensors are trained (and therefore travel)."""
+
+    name: str = "minilm"
+    mode: str = "lora"
+    max_length: int = 64
+    lora_r: int = 8
+    lora_alpha: int = 16
+    last_layers: int = 1
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class TrainingConfig:
+    """Local work per round. ``batch_size`` is the *expected* Poisson batch size under DP."""
+
+    local_steps: int = 20
+    batch_size: int = 32
+    learning_rate: float = 5e-3
+    eval_batch_size: int = 64
+    device: str = "auto"
+
+
+@dataclass(frozen=True)
+class PrivacyConfig:
+    """Sample-level DP-SGD settings; per-client values in ``[[clients]]`` override these defaults."""
+
+    enabled: bool = True
+    epsilon: float = 8.0
+    delta: float = 1e-5
+    max_grad_norm: float = 1.0
+    accountant: str = "prv"
+    noise_multiplier: float | None = None
+    planned_rounds: int | None = None
+
+
+@dataclass(frozen=True)
+class ClientConfig:
+    """One institution. Unset privacy fields fall back to ``[privacy]``; ``data`` is its own file, if any."""
+
+    id: str
+    epsilon: float | None = None
+    delta: float | None = None
+    noise_multiplier: float | None = None
+    planned_rounds: int | None = None
+    data: str | None = None
+
+
+@dataclass(frozen=True)
+class SimulationConfig:
+    """Resources Flower's Ray backend reserves for each simulated client."""
+
+    num_cpus: float = 1.0
+    num_gpus: float = 0.0
+
+
+@dataclass(frozen=True)
+class FederationConfig:
+    name: str = DEFAULT_SCENARIO
+    rounds: int = 3
+    num_clients: int = 3
+    clients_per_round: int | None = None
+    min_clients: int = 1
+    seed: int = 0
+    federated_evaluation: bool = False
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+    privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
+    simulation: SimulationConfig = field(default_factory=SimulationConfig)
+    clients: tuple[ClientConfig, ...] = ()
+
+    @property
+    def client_ids(self) -> list[str]:
+        return [c.id for c in self.clients]
+
+    @property
+    def sampled_per_round(self) -> int:
+        return self.clients_per_round or self.num_clients
+
+    def client(self, client_id: str) -> ClientConfig:
+        for c in self.clients:
+            if c.id == client_id:
+                return c
+        raise ConfigError(f"clients: no client with id '{client_id}'")
+
+    def client_privacy(self, client_id: str) -> PrivacyConfig:
+        """The privacy settings one client enforces: its own entries over the federation defaults."""
+        c = self.client(client_id)
+        overrides = {
+            k: getattr(c, k)
+            for k in ("epsilon", "delta", "noise_multiplier", "planned_rounds")
+            if getattr(c, k) is not None
+        }
+        return replace(self.privacy, **overrides)
+
+    @property
+    def planned_rounds_default(self) -> int:
+        return self.privacy.planned_rounds or self.rounds
+
+
+# ---------------------------------------------------------------------------------------------- loading
+
+
+def scenario_path(name_or_path: str) -> Path:
+    """A scenario is a TOML path or the name of one in ``simulations/``."""
+    path = Path(name_or_path)
+    if path.suffix == ".toml" or path.exists():
+        if not path.is_file():
+            raise ConfigError(f"{path}: scenario file not found")
+        return path
+    candidate = SCENARIO_DIR / f"{name_or_path}.toml"
+    if not candidate.is_file():
+        known = sorted(p.stem for p in SCENARIO_DIR.glob("*.toml"))
+        raise ConfigError(f"scenario '{name_or_path}' not found (built-in: {', '.join(known)}; or give a .toml path)")
+    return candidate
+
+
+def read_toml(path: Path) -> dict[str, Any]:
+    try:
+        with path.open("rb") as fh:
+            return tomllib.load(fh)
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read: {exc.strerror or exc}") from exc
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: invalid TOML: {exc}") from exc
+
+
+def load_config(
+    scenario: str | None = None, overrides: Mapping[str, Any] | None = None
+) -> tuple[FederationConfig, Path]:
+    """Resolve a scenario plus dotted-key overrides (``{"privacy.epsilon": 3}``) into a validated config."""
+    path = scenario_path(scenario or DEFAULT_SCENARIO)
+    raw = read_toml(path)
+    for key, value in (overrides or {}).items():
+        _set_dotted(raw, key, value)
+    return from_dict(raw, source=str(path)), path
+
+
+def from_dict(raw: Mapping[str, Any], source: str = "config") -> FederationConfig:
+    cfg = _build(FederationConfig, raw, source, "")
+    cfg = _complete_clients(cfg)
+    validate(cfg, source)
+    return cfg
+
+
+def _set_dotted(raw: dict[str, Any], key: str, value: Any) -> None:
+    parts = key.split(".")
+    node = raw
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+    node[parts[-1]] = value
+
+
+def _complete_clients(cfg: FederationConfig) -> FederationConfig:
+    """``num_clients`` decides the count: listed clients are kept in order, missing ones get generated ids."""
+    listed = list(cfg.clients[: cfg.num_clients])
+    taken = {c.id for c in listed}
+    k = 0
+    while len(listed) < cfg.num_clients:
+        cid = f"client-{k}"
+        k += 1
+        if cid not in taken:
+            listed.append(ClientConfig(id=cid))
+    return replace(cfg, clients=tuple(listed))
+
+
+def _type_ok(value: Any, hint: Any) -> tuple[bool, Any]:
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in typing.get_args(hint):
+            return True, None
+        for arg in typing.get_args(hint):
+            if arg is not type(None):
+                ok, conv = _type_ok(value, arg)
+                if ok:
+                    return True, conv
+        return False, None
+    if origin is tuple:
+        if not isinstance(value, list | tuple):
+            return False, None
+        (inner, *_rest) = typing.get_args(hint)
+        out = []
+        for item in value:
+            ok, conv = _type_ok(item, inner)
+            if not ok:
+                return False, None
+            out.append(conv)
+        return True, tuple(out)
+    if hint is float:
+        return (isinstance(value, int | float) and not isinstance(value, bool)), (
+            float(value) if isinstance(value, int | float) else None
+        )
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool), value
+    if hint is bool:
+        return isinstance(value, bool), value
+    if hint is str:
+        return isinstance(value, str), value
+    return True, value
+
+
+def _build(cls: type, raw: Any, source: str, prefix: str) -> Any:
+    where = prefix.rstrip(".") or "top level"
+    if not isinstance(raw, Mapping):
+        raise ConfigError(f"{source}: {where}: expected a table")
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in fields(cls)}
+    unknown = sorted(set(raw) - known)
+    if unknown:
+        raise ConfigError(f"{source}: {prefix}{unknown[0]}: unknown key (known: {', '.join(sorted(known))})")
+    kwargs: dict[str, Any] = {}
+    for f in fields(cls):
+        if f.name not in raw:
+            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+                raise ConfigError(f"{source}: {prefix}{f.name}: required")
+            continue
+        value, hint, name = raw[f.name], hints[f.name], f"{prefix}{f.name}"
+        if dataclasses.is_dataclass(hint):
+            kwargs[f.name] = _build(hint, value, source, f"{name}.")
+        elif hint == tuple[ClientConfig, ...]:
+            if not isinstance(value, list):
+                raise ConfigError(f"{source}: {name}: expected an array of tables [[clients]]")
+            kwargs[f.name] = tuple(_build(ClientConfig, v, source, f"{name}[{i}].") for i, v in enumerate(value))
+        else:
+            ok, conv = _type_ok(value, hint)
+            if not ok:
+                raise ConfigError(f"{source}: {name}: expected {_hint_name(hint)}, got {value!r}")
+            kwargs[f.name] = conv
+    return cls(**kwargs)
+
+
+def _hint_name(hint: Any) -> str:
+    return str(hint).replace("typing.", "").replace("<class '", "").replace("'>", "")
+
+
+def _check(ok: bool, source: str, name: str, rule: str, value: Any) -> None:
+    if not ok:
+        raise ConfigError(f"{source}: {name}: {rule}, got {value!r}")
+
+
+def _validate_privacy_values(p: Any, source: str, prefix: str) -> None:
+    if p.epsilon is not None:
+        _check(p.epsilon > 0, source, f"{prefix}epsilon", "must be > 0", p.epsilon)
+    if p.delta is not None:
+        _check(0 < p.delta < 1, source, f"{prefix}delta", "must be in (0, 1)", p.delta)
+    if p.noise_multiplier is not None:
+        _check(p.noise_multiplier > 0, source, f"{prefix}noise_multiplier", "must be > 0", p.noise_multiplier)
+    if p.planned_rounds is not None:
+        _check(p.planned_rounds >= 1, source, f"{prefix}planned_rounds", "must be >= 1", p.planned_rounds)
+
+
+def validate(cfg: FederationConfig, source: str = "config") -> None:
+    """Rules that span fields; data-dependent ones (delta < 1/n) are checked where the data is loaded."""
+    _check(cfg.rounds >= 1, source, "rounds", "must be >= 1", cfg.rounds)
+    _check(cfg.num_clients >= 1, source, "num_clients", "must be >= 1", cfg.num_clients)
+    if cfg.clients_per_round is not None:
+        _check(
+            1 <= cfg.clients_per_round <= cfg.num_clients,
+            source,
+            "clients_per_round",
+            f"must be between 1 and num_clients ({cfg.num_clients})",
+            cfg.clients_per_round,
+        )
+    _check(
+        1 <= cfg.min_clients <= cfg.sampled_per_round,
+        source,
+        "min_clients",
+        f"must be between 1 and the clients sampled per round ({cfg.sampled_per_round})",
+        cfg.min_clients,
+    )
+    m, t, p = cfg.model, cfg.training, cfg.privacy
+    _check(m.mode in MODES, source, "model.mode", f"must be one of {', '.join(MODES)}", m.mode)
+    _check(m.max_length >= 8, source, "model.max_length", "must be >= 8", m.max_length)
+    _check(m.lora_r >= 1, source, "model.lora_r", "must be >= 1", m.lora_r)
+    _check(m.last_layers >= 1, source, "model.last_layers", "must be >= 1", m.last_layers)
+    _check(t.local_steps >= 1, source, "training.local_steps", "must be >= 1", t.local_steps)
+    _check(t.batch_size >= 1, source, "training.batch_size", "must be >= 1", t.batch_size)
+    _check(t.learning_rate > 0, source, "training.learning_rate", "must be > 0", t.learning_rate)
+    _check(t.eval_batch_size >= 1, source, "training.eval_batch_size", "must be >= 1", t.eval_batch_size)
+    _check(
+        t.device == "auto" or t.device == "cpu" or t.device.startswith("cuda"),
+        source,
+        "training.device",
+        "must be auto, cpu or cuda[:N]",
+        t.device,
+    )
+    _validate_privacy_values(p, source, "privacy.")
+    _check(p.max_grad_norm > 0, source, "privacy.max_grad_norm", "must be > 0", p.max_grad_norm)
+    _check(
+        p.accountant in ACCOUNTANTS,
+        source,
+        "privacy.accountant",
+        f"must be one of {', '.join(ACCOUNTANTS)}",
+        p.accountant,
+    )
+    _check(cfg.simulation.num_cpus > 0, source, "simulation.num_cpus", "must be > 0", cfg.simulation.num_cpus)
+    _check(cfg.simulation.num_gpus >= 0, source, "simulation.num_gpus", "must be >= 0", cfg.simulation.num_gpus)
+    seen: set[str] = set()
+    for i, c in enumerate(cfg.clients):
+        _check(bool(c.id.strip()), source, f"clients[{i}].id", "must not be empty", c.id)
+        _check(c.id not in seen, source, f"clients[{i}].id", "duplicate client id", c.id)
+        seen.add(c.id)
+        _validate_privacy_values(c, source, f"clients[{i}].")
+
+
+# ---------------------------------------------------------------------------------------------- writing
+
+
+def to_dict(cfg: FederationConfig) -> dict[str, Any]:
+    """Plain TOML-ready data: ``None`` values are dropped because TOML has no null."""
+
+    def clean(value: Any) -> Any:
+        if isinstance(value, dict):
+            return {k: clean(v) for k, v in value.items() if v is not None}
+        if isinstance(value, list | tuple):
+            return [clean(v) for v in value]
+        return value
+
+    return clean(dataclasses.asdict(cfg))
+
+
+def to_toml(cfg: FederationConfig) -> str:
+    return tomli_w.dumps(to_dict(cfg))
+
+
+def config_hash(cfg: FederationConfig) -> str:
+    """Identifies the exact settings of a run in the ledger; stable across processes."""
+    return hashlib.sha256(to_toml(cfg).encode()).hexdigest()

@@ -1,0 +1,84 @@
+"""The coordinator's side of a run: initial model, central evaluation, ledger, and the FedAvg loop.
+
+Runs inside Flower's ServerApp, in simulation and deployment alike, on the legacy workflow so that a
+secure-aggregation fit workflow can replace the plain one without touching the strategy.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+
+import numpy as np
+from flwr.app import Context
+from flwr.server import LegacyContext, ServerConfig
+from flwr.server.workflow import DefaultWorkflow
+from flwr.serverapp import Grid
+
+from fedllm.config import config_hash, to_toml
+from fedllm.ledger import Ledger
+from fedllm.metrics import RoundRecord, RunMetrics
+from fedllm.model import build_model, get_trainable, load_tokenizer, pick_device, set_trainable
+from fedllm.runspec import RunSpec, federation_data
+from fedllm.strategy import BudgetAwareFedAvg
+from fedllm.training import TokenizedDataset, evaluate
+
+log = logging.getLogger("fedllm.server")
+
+
+def _central_evaluator(spec: RunSpec, model, test: TokenizedDataset) -> Callable[[list[np.ndarray]], tuple]:
+    device = pick_device(spec.config.training.device)
+
+    def run(arrays: list[np.ndarray]) -> tuple[float, float]:
+        set_trainable(model, arrays)
+        return evaluate(model, test, batch_size=spec.config.training.eval_batch_size, device=device)
+
+    return run
+
+
+def run_federation(
+    grid: Grid, context: Context, spec: RunSpec, on_round: Callable[[RoundRecord], None] | None = None
+) -> RunMetrics:
+    cfg = spec.config
+    spec.out_dir.mkdir(parents=True, exist_ok=True)
+    (spec.out_dir / "config.toml").write_text(to_toml(cfg))
+    started = time.monotonic()
+    fed = federation_data(cfg)
+    model = build_model(cfg.model, len(fed.label_names))
+    test = TokenizedDataset(fed.central_test, load_tokenizer(cfg.model.name), cfg.model.max_length)
+    metrics = RunMetrics(
+        run_id=str(context.run_id), scenario=cfg.name, dp=cfg.privacy.enabled, rounds_planned=cfg.rounds
+    )
+    with Ledger(spec.ledger_path) as ledger:
+        strategy = BudgetAwareFedAvg(
+            initial_arrays=get_trainable(model),
+            num_clients=cfg.num_clients,
+            clients_per_round=cfg.sampled_per_round,
+            min_clients=cfg.min_clients,
+            ledger=ledger,
+            metrics=metrics,
+            metrics_path=spec.out_dir / "metrics.json",
+            config_hash=config_hash(cfg),
+            evaluate_central=_central_evaluator(spec, model, test) if len(test) else None,
+            federated_evaluation=cfg.federated_evaluation,
+            on_round=on_round,
+        )
+        legacy = LegacyContext(context=context, config=ServerConfig(num_rounds=cfg.rounds), strategy=strategy)
+        DefaultWorkflow()(grid, legacy)
+        metrics.wall_seconds = time.monotonic() - started
+        strategy.save()
+    return metrics
+
+
+def main_for(spec: RunSpec | None, on_round: Callable[[RoundRecord], None] | None = None):
+    """The ServerApp main: a fixed spec (``fedllm simulate``) or one rebuilt from ``run_config``."""
+    from fedllm.runspec import spec_from_run_config
+
+    def main(grid: Grid, context: Context) -> None:
+        run_federation(grid, context, spec or spec_from_run_config(context.run_config), on_round)
+
+    return main
+
+
+__all__ = ["main_for", "run_federation"]

@@ -1,0 +1,203 @@
+"""FedAvg that respects client budgets, on Flower's legacy strategy API.
+
+Legacy, because in Flower 1.42 secure aggregation (SecAgg+) runs only on the legacy workflow; keeping the
+strategy there lets the same strategy run under plain or secure aggregation. The coordinator only
+*observes* budgets: a client refuses by itself, and the strategy then stops selecting it and ends the run
+cleanly when too few clients remain.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from flwr.common import FitIns, FitRes, Parameters, Scalar, ndarrays_to_parameters, parameters_to_ndarrays
+from flwr.server.client_manager import ClientManager
+from flwr.server.client_proxy import ClientProxy
+from flwr.server.criterion import Criterion
+from flwr.server.strategy import FedAvg
+
+from fedllm import metrics as run_metrics
+from fedllm.ledger import Ledger, entry_from_metrics
+from fedllm.metrics import ClientRound, RoundRecord, RunMetrics, finite_or_none
+from fedllm.model import arrays_hash
+
+log = logging.getLogger("fedllm.server")
+
+EvaluateFn = Callable[[list], tuple[float, float]]  # trainable arrays -> (loss, accuracy)
+
+
+class _Eligible(Criterion):
+    def __init__(self, excluded: set[str]):
+        self.excluded = excluded
+
+    def select(self, client: ClientProxy) -> bool:
+        return client.cid not in self.excluded
+
+
+class BudgetAwareFedAvg(FedAvg):
+    def __init__(
+        self,
+        *,
+        initial_arrays: list,
+        num_clients: int,
+        clients_per_round: int,
+        min_clients: int,
+        ledger: Ledger,
+        metrics: RunMetrics,
+        metrics_path: Path,
+        config_hash: str,
+        evaluate_central: EvaluateFn | None = None,
+        federated_evaluation: bool = False,
+        on_round: Callable[[RoundRecord], None] | None = None,
+    ):
+        super().__init__(
+            fraction_fit=1.0,
+            fraction_evaluate=1.0 if federated_evaluation else 0.0,
+            min_fit_clients=min_clients,
+            min_evaluate_clients=min_clients,
+            min_available_clients=num_clients,
+            initial_parameters=ndarrays_to_parameters(initial_arrays),
+            accept_failures=True,
+            fit_metrics_aggregation_fn=lambda _: {},  # per-client metrics go to the ledger, not an average
+        )
+        self.clients_per_round = clients_per_round
+        self.min_clients = min_clients
+        self.num_clients = num_clients
+        self.ledger = ledger
+        self.metrics = metrics
+        self.metrics_path = metrics_path
+        self.config_hash = config_hash
+        self.evaluate_central = evaluate_central
+        self.on_round = on_round
+        self.exhausted: set[str] = set()  # node ids of clients that refused
+        self.client_ids: dict[str, str] = {}  # node id -> institution id, learned from replies
+        self._asked: list[str] = []
+        self._round_started = time.monotonic()
+        self._current: RoundRecord | None = None
+
+    @property
+    def stopped(self) -> bool:
+        return self.metrics.stopped_early is not None
+
+    # ------------------------------------------------------------------------------------------ fit
+
+    def configure_fit(
+        self, server_round: int, parameters: Parameters, client_manager: ClientManager
+    ) -> list[tuple[ClientProxy, FitIns]]:
+        """Only the round number travels to clients: nothing the server sends can change their budgets."""
+        self._round_started = time.monotonic()
+        if self.stopped:
+            return []
+        client_manager.wait_for(self.num_clients)
+        eligible = self.num_clients - len(self.exhausted)
+        if eligible < self.min_clients:
+            self.metrics.stopped_early = (
+                f"round {server_round}: only {eligible} client(s) with budget left, fewer than min_clients"
+                f" = {self.min_clients}"
+            )
+            log.warning("stopping: %s", self.metrics.stopped_early)
+            self.save()
+            return []
+        sample = client_manager.sample(
+            num_clients=min(self.clients_per_round, eligible),
+            min_num_clients=self.num_clients,
+            criterion=_Eligible(self.exhausted),
+        )
+        self._asked = [proxy.cid for proxy in sample]
+        self._current = RoundRecord(round=server_round)
+        fit_ins = FitIns(parameters, {"server-round": server_round})
+        return [(proxy, fit_ins) for proxy in sample]
+
+    def _record_client(self, server_round: int, proxy: ClientProxy, res: FitRes) -> bool:
+        """File the client's signed report in the run's ledger; True when its update joins the aggregate.
+
+        The row is stored exactly as the client signed it. An update whose hash differs from the one the
+        client reported, or a report for another round, is kept out of the aggregate and logged.
+        """
+        m = res.metrics
+        entry = entry_from_metrics(m)
+        self.client_ids[proxy.cid] = entry.client_id
+        update_hash = arrays_hash(parameters_to_ndarrays(res.parameters)) if entry.status == "trained" else ""
+        problem = ""
+        if entry.round != server_round:
+            problem = f"report is for round {entry.round}"
+        elif update_hash != entry.model_hash:
+            problem = "update does not match the model hash the client reported"
+        self.ledger.append(entry)
+        assert self._current is not None
+        self._current.clients[entry.client_id] = ClientRound(
+            status=entry.status if not problem else "rejected",
+            examples=int(res.num_examples),
+            loss=finite_or_none(m.get("loss")),
+            epsilon=finite_or_none(entry.epsilon),
+            budget_epsilon=finite_or_none(entry.budget_epsilon),
+            delta=entry.delta,
+        )
+        if problem:
+            log.warning("client %s: %s; update rejected", entry.client_id, problem)
+            return False
+        if entry.status == "refused":
+            self.exhausted.add(proxy.cid)
+            log.warning("client %s refused round %s: budget exhausted", entry.client_id, server_round)
+        return entry.status == "trained" and res.num_examples > 0
+
+    def aggregate_fit(
+        self,
+        server_round: int,
+        results: list[tuple[ClientProxy, FitRes]],
+        failures: list[tuple[ClientProxy, FitRes] | BaseException],
+    ) -> tuple[Parameters | None, dict[str, Scalar]]:
+        if self._current is None:
+            self._current = RoundRecord(round=server_round)
+        trained = [(proxy, res) for proxy, res in results if self._record_client(server_round, proxy, res)]
+        answered = {proxy.cid for proxy, _ in results}
+        for cid in self._asked:
+            if cid not in answered:
+                client_id = self.client_ids.get(cid, f"node-{cid}")
+                self._current.clients[client_id] = ClientRound(status="dropped")
+                log.warning("client %s dropped out of round %s", client_id, server_round)
+        self._current.aggregated = len(trained)
+        if not trained:
+            return None, {}
+        return super().aggregate_fit(server_round, trained, failures)
+
+    # ------------------------------------------------------------------------------------------ evaluate
+
+    def evaluate(self, server_round: int, parameters: Parameters) -> tuple[float, dict[str, Scalar]] | None:
+        """Central evaluation on the coordinator's held-out set; closes the round's record."""
+        if server_round > 0 and (self.stopped or self._current is None):
+            return None
+        result = None
+        if self.evaluate_central is not None:
+            loss, accuracy = self.evaluate_central(parameters_to_ndarrays(parameters))
+            result = (loss, {"accuracy": accuracy})
+        if server_round == 0:
+            if result is not None:
+                self.metrics.initial_loss, self.metrics.initial_accuracy = (
+                    finite_or_none(result[0]),
+                    result[1]["accuracy"],
+                )
+            self.save()
+            return result
+        record = self._current
+        assert record is not None
+        if result is not None:
+            record.loss, record.accuracy = finite_or_none(result[0]), float(result[1]["accuracy"])
+        record.seconds = time.monotonic() - self._round_started
+        self.metrics.rounds.append(record)
+        self._current = None
+        self.save()
+        if self.on_round is not None:
+            self.on_round(record)
+        return result
+
+    def configure_evaluate(self, server_round, parameters, client_manager):  # type: ignore[no-untyped-def]
+        if self.stopped:
+            return []
+        return super().configure_evaluate(server_round, parameters, client_manager)
+
+    def save(self) -> None:
+        run_metrics.write(self.metrics, self.metrics_path)
