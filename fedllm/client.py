@@ -12,7 +12,7 @@ import logging
 import math
 from collections.abc import Iterator, MutableMapping
 from dataclasses import dataclass, replace
-from functools import lru_cache
+from functools import lru_cache, partial
 from pathlib import Path
 
 import numpy as np
@@ -167,7 +167,13 @@ class FedClient(NumPyClient):
             budget = ClientBudget(ledger, self.client_id, self.privacy, self.node_state)
             mechanism = self._mechanism()
             decision = budget.decide(mechanism)
-            hashes = {"model_hash": arrays_hash(parameters), "config_hash": config_hash(self.config)}
+            record = partial(
+                budget.record,
+                run_id=self.run_id,
+                round=server_round,
+                model_hash=arrays_hash(parameters),
+                config_hash=config_hash(self.config),
+            )
             if not decision.allowed:
                 log.warning(
                     "client %s refuses round %s: epsilon would reach %.4f > budget %.4f (spent %.4f)",
@@ -177,27 +183,13 @@ class FedClient(NumPyClient):
                     self.privacy.epsilon,
                     decision.spent_epsilon,
                 )
-                budget.record(
-                    run_id=self.run_id,
-                    round=server_round,
-                    status=REFUSED,
-                    mechanism=NO_MECHANISM,
-                    epsilon=decision.spent_epsilon,
-                    **hashes,
-                )
+                record(status=REFUSED, mechanism=NO_MECHANISM, epsilon=decision.spent_epsilon)
                 metrics = self._report(server_round, REFUSED, NO_MECHANISM, decision.spent_epsilon, None)
                 metrics["projected-epsilon"] = decision.epsilon_after
                 return [], 0, metrics
             history_before = budget.history()
             # Write-ahead: the spend is on disk before a single example is read.
-            budget.record(
-                run_id=self.run_id,
-                round=server_round,
-                status="reserved",
-                mechanism=mechanism,
-                epsilon=decision.epsilon_after,
-                **hashes,
-            )
+            record(status="reserved", mechanism=mechanism, epsilon=decision.epsilon_after)
             accountant = make_accountant(self.privacy.accountant, history_before)
             model = self._model_with(parameters)
             try:
@@ -213,22 +205,14 @@ class FedClient(NumPyClient):
                     device=self.device,
                 )
             except BaseException:
-                budget.record(
-                    run_id=self.run_id,
-                    round=server_round,
-                    status="failed",
-                    mechanism=mechanism,
-                    epsilon=decision.epsilon_after,
-                )
+                record(status="failed", mechanism=mechanism, epsilon=decision.epsilon_after)
                 raise
             if accountant.history != history_of(budget.spent) or not math.isclose(
                 result.sample_rate, mechanism.sample_rate
             ):
                 raise RuntimeError("the mechanism that ran differs from the one reserved; refusing to report")
             epsilon = budget.epsilon()
-            budget.record(
-                run_id=self.run_id, round=server_round, status=TRAINED, mechanism=mechanism, epsilon=epsilon, **hashes
-            )
+            record(status=TRAINED, mechanism=mechanism, epsilon=epsilon)
         update = get_trainable(model)
         metrics = self._report(server_round, TRAINED, mechanism, epsilon, update)
         metrics.update({"loss": result.loss, "empty-batches": result.empty_batches})

@@ -21,6 +21,7 @@ class ClientRound:
     epsilon: float | None = None
     budget_epsilon: float | None = None
     delta: float | None = None
+    test_accuracy: float | None = None  # on its local test split; only with federated_evaluation = true
 
 
 @dataclass
@@ -30,6 +31,7 @@ class RoundRecord:
     accuracy: float | None = None
     aggregated: int = 0
     seconds: float = 0.0
+    federated_accuracy: float | None = None  # example-weighted over clients' local test splits (opt-in)
     clients: dict[str, ClientRound] = field(default_factory=dict)
 
 

@@ -94,6 +94,7 @@ def _pretrained(name: str, num_labels: int, seed: int) -> nn.Module:
     torch.manual_seed(seed)
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()  # "newly initialized classifier" is expected, not news
+    hf_logging.disable_progress_bar()
     try:
         return BertForSequenceClassification.from_pretrained(source, num_labels=num_labels)
     except (OSError, ValueError) as exc:

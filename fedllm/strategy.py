@@ -199,5 +199,21 @@ class BudgetAwareFedAvg(FedAvg):
             return []
         return super().configure_evaluate(server_round, parameters, client_manager)
 
+    def aggregate_evaluate(self, server_round, results, failures):  # type: ignore[no-untyped-def]
+        """Opt-in federated evaluation: each client's accuracy on its own held-out split."""
+        if not results or not self.metrics.rounds:
+            return None, {}
+        record = self.metrics.rounds[-1]
+        total = sum(res.num_examples for _, res in results)
+        for _, res in results:
+            client = record.clients.get(str(res.metrics["client-id"]))
+            if client is not None:
+                client.test_accuracy = float(res.metrics["accuracy"])
+        record.federated_accuracy = sum(float(r.metrics["accuracy"]) * r.num_examples for _, r in results) / max(
+            total, 1
+        )
+        self.save()
+        return super().aggregate_evaluate(server_round, results, failures)
+
     def save(self) -> None:
         run_metrics.write(self.metrics, self.metrics_path)

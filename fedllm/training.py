@@ -109,6 +109,13 @@ def _empty_step(optimizer, params: list[nn.Parameter], ghost: bool) -> None:
     optimizer.zero_grad()
 
 
+def _prepare(model: nn.Module, learning_rate: float, device: torch.device):
+    """Both trainers: same device move, same trainable set, same optimizer (so baselines compare)."""
+    model.to(device).train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    return params, torch.optim.AdamW(params, lr=learning_rate, weight_decay=0.0)
+
+
 def train_dp(
     model: nn.Module,
     data: TokenizedDataset,
@@ -122,9 +129,7 @@ def train_dp(
     generator: torch.Generator | None = None,
 ) -> LocalResult:
     """``steps`` DP-SGD steps; ``accountant`` (restored by the caller) is advanced once per step."""
-    model.to(device).train()
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=learning_rate, weight_decay=0.0)
+    params, optimizer = _prepare(model, learning_rate, device)
     loader = DataLoader(data, batch_size=batch_size, collate_fn=lambda b: collate(b, data.pad_id))
     engine = PrivacyEngine(accountant=accountant.mechanism())
     engine.accountant = accountant
@@ -190,9 +195,7 @@ def train_plain(
     generator: torch.Generator | None = None,
 ) -> LocalResult:
     """The labelled non-private baseline: same optimizer, steps and batch size, shuffled batches."""
-    model.to(device).train()
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=learning_rate, weight_decay=0.0)
+    _, optimizer = _prepare(model, learning_rate, device)
     loader = DataLoader(
         data, batch_size=batch_size, shuffle=True, generator=generator, collate_fn=lambda b: collate(b, data.pad_id)
     )

@@ -23,7 +23,7 @@ def tiny_run(tmp_path_factory) -> Path:
     scenario = out.parent / "scenario.toml"
     base = Path(__file__).resolve().parents[1] / "simulations" / "tiny.toml"
     scenario.write_text(
-        base.read_text().replace("rounds = 2", "rounds = 3")
+        base.read_text().replace("rounds = 2", "rounds = 3\nfederated_evaluation = true")
         + '\n[[clients]]\nid = "alpha"\n\n[[clients]]\nid = "beta"\nepsilon = 2.0\nplanned_rounds = 2\n'
         + '\n[[clients]]\nid = "gamma"\nepsilon = 4.0\n'
     )
@@ -38,6 +38,14 @@ def test_outputs_exist_and_config_is_resolved(tiny_run):
     resolved = from_dict(tomllib.loads((tiny_run / "config.toml").read_text()))
     assert resolved.client_ids == ["alpha", "beta", "gamma"]
     assert resolved.client_privacy("beta").epsilon == 2.0 and resolved.client_privacy("beta").planned_rounds == 2
+
+
+def test_federated_evaluation_is_recorded_when_opted_in(tiny_run):
+    m = run_metrics.read(tiny_run / "metrics.json")
+    for r in m.rounds:
+        assert r.federated_accuracy is not None and 0.0 <= r.federated_accuracy <= 1.0
+        accs = [c.test_accuracy for c in r.clients.values() if c.status == "trained"]
+        assert accs and all(a is not None for a in accs)
 
 
 def test_reported_epsilon_equals_a_fresh_accountant_over_the_recorded_history(tiny_run):
@@ -109,6 +117,7 @@ def test_no_dp_baseline_is_labelled(tmp_path):
     assert main(["simulate", "tiny", "--quiet", "--no-dp", "--rounds", "1", "--out", str(out)]) == 0
     m = run_metrics.read(out / "metrics.json")
     assert not m.dp
+    assert m.rounds[0].federated_accuracy is None  # off unless the scenario opts in
     assert all(c.epsilon is None for c in m.rounds[0].clients.values())
     with Ledger(out / "ledger.sqlite") as ledger:
         assert {e.accountant for e in ledger.entries()} == {"none"}
