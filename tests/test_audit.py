@@ -1,0 +1,440 @@
+"""The audit recomputes every client's epsilon and catches, by name, each way of tampering with the record.
+
+Runs are built directly (ledgers, signed rows, config.toml, metrics.json) with the real accountant and real
+keys, which takes a second instead of the half minute a simulated run takes; one slow test audits a real
+``fedllm simulate`` run as well. ``write_run`` is shared with the report tests.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import math
+import shutil
+import sqlite3
+import subprocess
+import sys
+import tomllib
+from dataclasses import replace
+from functools import cache
+from pathlib import Path
+
+import pytest
+import tomli_w
+from cryptography.hazmat.primitives.asymmetric import ec
+
+from fedllm import audit as audit_mod
+from fedllm.accounting import Mechanism, epsilon_of_mechanisms
+from fedllm.config import config_hash, from_dict, to_toml
+from fedllm.ledger import GENESIS, Ledger, LedgerEntry, make_entry
+from fedllm.metrics import ClientRound, RoundRecord, RunMetrics, write
+from fedllm.signing import load_or_create_key, public_openssh, sign
+
+RUN_ID = "run-42"
+MECH = Mechanism(noise_multiplier=1.0, sample_rate=0.02, steps=10, max_grad_norm=1.0)
+NO_MECH = Mechanism(noise_multiplier=0.0, sample_rate=0.0, steps=0, max_grad_norm=0.0)
+CLIENTS = ("alpha", "beta", "gamma")
+
+
+@cache
+def _eps(accountant: str, n: int, delta: float) -> float:
+    return epsilon_of_mechanisms(accountant, [MECH] * n, delta)
+
+
+def write_run(
+    out: Path,
+    *,
+    clients: tuple[str, ...] = CLIENTS,
+    rounds: int = 3,
+    rounds_planned: int | None = None,
+    budget: float = 8.0,
+    dp: bool = True,
+    accountant: str = "prv",
+    delta: float = 1e-5,
+    refuse_from: dict[str, int] | None = None,
+    fail_round: dict[str, int] | None = None,
+    epsilon_scale: float = 1.0,
+    stopped_early: str | None = None,
+    config_extra: dict | None = None,
+) -> Path:
+    """A run directory as the coordinator and clients leave it: ledgers, keys, config.toml, metrics.json.
+
+    ``refuse_from``: a client refuses every round from that one on. ``fail_round``: a client reserves that
+    round, then fails (no coordinator row; its own budget still counts the reservation). ``epsilon_scale``
+    makes every client under-report epsilon consistently (its own ledger and signature agree with the lie).
+    """
+    refuse_from, fail_round = refuse_from or {}, fail_round or {}
+    raw = {
+        "name": "audit-test",
+        "rounds": rounds_planned or rounds,
+        "num_clients": len(clients),
+        "clients": [{"id": c} for c in clients],
+        "model": {"name": "tiny-bert"},
+        "data": {"source": "synthetic", "partition": "iid"},
+        "privacy": {"enabled": dp, "epsilon": budget, "delta": delta, "accountant": accountant},
+    }
+    cfg = from_dict(raw)
+    out.mkdir(parents=True, exist_ok=True)
+    text = to_toml(cfg)
+    if config_extra:
+        text = tomli_w.dumps({**tomllib.loads(text), **config_extra})
+    (out / "config.toml").write_text(text)
+    chash = config_hash(cfg) if not config_extra else hashlib.sha256(text.encode()).hexdigest()
+    metrics = RunMetrics(run_id=RUN_ID, scenario="audit-test", dp=dp, rounds_planned=rounds_planned or rounds)
+    metrics.initial_accuracy, metrics.initial_loss = 0.25, 1.4
+    metrics.stopped_early = stopped_early
+    keys = {c: load_or_create_key(out / "clients" / c / "node_key") for c in clients}
+    spent = dict.fromkeys(clients, 0)
+    with Ledger(out / "ledger.sqlite") as coord:
+        own = {c: Ledger(out / "clients" / c / "ledger.sqlite") for c in clients} if dp else {}
+        for r in range(1, rounds + 1):
+            record = RoundRecord(round=r, accuracy=0.3 + 0.1 * r, loss=1.2 - 0.1 * r)
+            for c in clients:
+                common = {"run_id": RUN_ID, "round": r, "client_id": c, "delta": delta, "config_hash": chash}
+                if not dp:
+                    e = make_entry(
+                        **common,
+                        status="trained",
+                        mechanism=Mechanism(0.0, 0.02, 10, math.inf),
+                        accountant="none",
+                        epsilon=math.inf,
+                        budget_epsilon=math.inf,
+                        model_hash="m",
+                    )
+                    coord.append(
+                        replace(e, signer=public_openssh(keys[c]), signature=sign(keys[c], e.signed_payload()))
+                    )
+                    record.clients[c] = ClientRound(status="trained", examples=100, delta=delta)
+                    continue
+                dp_common = {**common, "accountant": accountant, "budget_epsilon": budget}
+                if r == fail_round.get(c):
+                    spent[c] += 1
+                    eps = _eps(accountant, spent[c], delta) * epsilon_scale
+                    for status in ("reserved", "failed"):
+                        own[c].append(make_entry(**dp_common, status=status, mechanism=MECH, epsilon=eps))
+                    record.clients[c] = ClientRound(status="dropped")
+                    continue
+                if r >= refuse_from.get(c, rounds + 1):
+                    eps = _eps(accountant, spent[c], delta) * epsilon_scale if spent[c] else 0.0
+                    own[c].append(make_entry(**dp_common, status="refused", mechanism=NO_MECH, epsilon=eps))
+                    e = make_entry(**dp_common, status="refused", mechanism=NO_MECH, epsilon=eps)
+                    record.clients[c] = ClientRound(status="refused", epsilon=eps, budget_epsilon=budget, delta=delta)
+                else:
+                    spent[c] += 1
+                    eps = _eps(accountant, spent[c], delta) * epsilon_scale
+                    for status in ("reserved", "trained"):
+                        own[c].append(make_entry(**dp_common, status=status, mechanism=MECH, epsilon=eps))
+                    e = make_entry(**dp_common, status="trained", mechanism=MECH, epsilon=eps, model_hash=f"m{r}")
+                    record.clients[c] = ClientRound(
+                        status="trained", examples=500, loss=1.0, epsilon=eps, budget_epsilon=budget, delta=delta
+                    )
+                coord.append(replace(e, signer=public_openssh(keys[c]), signature=sign(keys[c], e.signed_payload())))
+            record.aggregated = sum(1 for v in record.clients.values() if v.status == "trained")
+            metrics.rounds.append(record)
+        for ledger in own.values():
+            ledger.close()
+    write(metrics, out / "metrics.json")
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- helpers
+
+
+def _raw(path: Path) -> sqlite3.Connection:
+    """What a tamperer does first: drop the append-only triggers."""
+    conn = sqlite3.connect(path, isolation_level=None)
+    conn.execute("DROP TRIGGER IF EXISTS entries_no_update")
+    conn.execute("DROP TRIGGER IF EXISTS entries_no_delete")
+    return conn
+
+
+def _rows(path: Path) -> list[LedgerEntry]:
+    return audit_mod.read_entries(path)
+
+
+def _seq_of(path: Path, client: str, round_: int) -> int:
+    return next(e.seq for e in _rows(path) if e.client_id == client and e.round == round_ and e.status == "trained")
+
+
+def _rehash(path: Path) -> None:
+    """A careful tamperer: recompute the whole hash chain after an edit so that it looks intact."""
+    conn = _raw(path)
+    prev = GENESIS
+    for e in _rows(path):
+        h = e.compute_hash(prev)
+        conn.execute("UPDATE entries SET prev_hash = ?, hash = ? WHERE seq = ?", (prev, h, e.seq))
+        prev = h
+    conn.close()
+
+
+def _kinds(result) -> set[str]:
+    return {f.split(":", 1)[0] for f in result.findings}
+
+
+def _exit_code(run_dir: Path, *extra: str) -> int:
+    parser = argparse.ArgumentParser()
+    sub = parser.add_subparsers(dest="command")
+    audit_mod.register(sub)
+    args = parser.parse_args(["audit", str(run_dir), *extra])
+    return args.handler(args)
+
+
+@pytest.fixture(scope="module")
+def honest_template(tmp_path_factory) -> Path:
+    return write_run(tmp_path_factory.mktemp("honest") / "run")
+
+
+@pytest.fixture
+def run_dir(honest_template, tmp_path) -> Path:
+    dest = tmp_path / "run"
+    shutil.copytree(honest_template, dest)
+    return dest
+
+
+# ---------------------------------------------------------------------------------------------- honest
+
+
+def test_honest_run_audits_clean(run_dir, capsys):
+    result = audit_mod.audit(run_dir)
+    assert result.findings == []
+    assert result.ok and result.private and result.accountant == "prv"
+    assert [c.client for c in result.clients] == list(CLIENTS)
+    expected = _eps("prv", 3, 1e-5)
+    for c in result.clients:
+        assert c.rounds_trained == 3
+        assert c.reported_epsilon == expected
+        assert math.isclose(c.recomputed_epsilon, expected, rel_tol=1e-9)
+        assert math.isclose(c.dp_accounting_epsilon, expected, rel_tol=0.05)
+        assert c.dp_accounting_epsilon != c.recomputed_epsilon  # a different implementation, not a copy
+        assert c.budget == 8.0 and c.delta == 1e-5 and c.ok
+    assert _exit_code(run_dir) == 0
+    out = capsys.readouterr().out
+    assert "clean" in out and "5%" in out and "alpha" in out
+
+
+def test_json_output_and_tolerance_flag(run_dir, capsys):
+    assert _exit_code(run_dir, "--json", "--tolerance", "0.02") == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["ok"] is True and data["tolerance"] == 0.02 and data["findings"] == []
+    assert {c["client"] for c in data["clients"]} == set(CLIENTS)
+    with pytest.raises(SystemExit):
+        argparse_fail = argparse.ArgumentParser()
+        audit_mod.register(argparse_fail.add_subparsers()).parse_args([str(run_dir), "--tolerance", "7"])
+
+
+def test_failed_round_reservation_counts_and_is_noted(tmp_path):
+    """The client's budget counts a reservation whose training then failed; the audit does too."""
+    run = write_run(tmp_path / "run", fail_round={"beta": 2})
+    result = audit_mod.audit(run)
+    assert result.findings == []
+    beta = next(c for c in result.clients if c.client == "beta")
+    assert beta.rounds_trained == 2
+    assert math.isclose(beta.reported_epsilon, _eps("prv", 3, 1e-5))  # three spends, two trained rounds
+    assert any("beta" in n and "reserved spend" in n for n in result.notes)
+
+
+def test_refused_rounds_audit_clean(tmp_path):
+    run = write_run(tmp_path / "run", refuse_from={"gamma": 2})
+    result = audit_mod.audit(run)
+    assert result.findings == []
+    gamma = next(c for c in result.clients if c.client == "gamma")
+    assert gamma.rounds_trained == 1 and gamma.reported_epsilon == _eps("prv", 1, 1e-5)
+
+
+def test_non_private_run_is_reported_as_such(tmp_path, capsys):
+    run = write_run(tmp_path / "run", dp=False)
+    result = audit_mod.audit(run)
+    assert result.findings == [] and not result.private
+    assert all(
+        not c.private and c.reported_epsilon == math.inf and c.recomputed_epsilon is None for c in result.clients
+    )
+    assert any("non-private" in n for n in result.notes)
+    data = result.to_dict()
+    assert data["clients"][0]["reported_epsilon"] is None  # JSON has no infinity
+    json.dumps(data, allow_nan=False)
+    assert _exit_code(run) == 0
+    assert "NON-PRIVATE" in capsys.readouterr().out
+
+
+def test_rdp_run_audits_clean(tmp_path):
+    """RDP is a looser upper bound than PLD: an honest RDP run must not be flagged for being above PLD."""
+    result = audit_mod.audit(write_run(tmp_path / "run", accountant="rdp", rounds=2))
+    assert result.findings == []
+    c = result.clients[0]
+    assert c.reported_epsilon > c.dp_accounting_epsilon * 1.2
+
+
+def test_not_a_run_directory(tmp_path):
+    from fedllm.errors import FedllmError
+
+    with pytest.raises(FedllmError, match=r"no ledger\.sqlite"):
+        audit_mod.audit(tmp_path)
+    assert not (tmp_path / "ledger.sqlite").exists()
+
+
+# ---------------------------------------------------------------------------------------------- tampering
+
+
+def test_epsilon_edited_in_a_row(run_dir):
+    path = run_dir / "ledger.sqlite"
+    seq = _seq_of(path, "beta", 2)
+    _raw(path).execute("UPDATE entries SET epsilon = 0.5 WHERE seq = ?", (seq,))
+    result = audit_mod.audit(run_dir)
+    edited = audit_mod.findings_of_kind(result, ["epsilon edited"])
+    assert edited and any(f"row seq {seq} " in f and "client beta" in f for f in edited)
+    assert any(f"row seq {seq}" in f for f in audit_mod.findings_of_kind(result, ["row edited"]))
+    assert not next(c for c in result.clients if c.client == "beta").ok
+    assert next(c for c in result.clients if c.client == "alpha").ok
+    assert _exit_code(run_dir) == 1
+
+
+def test_epsilon_edited_and_chain_rehashed(run_dir):
+    """Re-hashing the chain hides the edit from the hash check, not from the signature or the recomputation."""
+    path = run_dir / "ledger.sqlite"
+    seq = _seq_of(path, "alpha", 3)
+    _raw(path).execute("UPDATE entries SET epsilon = 1.0 WHERE seq = ?", (seq,))
+    _rehash(path)
+    result = audit_mod.audit(run_dir)
+    assert "row edited" not in _kinds(result)
+    assert any(f"row seq {seq} " in f and "alpha" in f for f in audit_mod.findings_of_kind(result, ["epsilon edited"]))
+    assert _exit_code(run_dir) == 1
+
+
+def test_row_deleted(run_dir):
+    path = run_dir / "ledger.sqlite"
+    seq = _seq_of(path, "gamma", 2)
+    _raw(path).execute("DELETE FROM entries WHERE seq = ?", (seq,))
+    result = audit_mod.audit(run_dir)
+    deleted = audit_mod.findings_of_kind(result, ["row deleted"])
+    assert any(f"before row seq {seq + 1} " in f for f in deleted)  # the chain names where the hole is
+    assert any("gamma's trained round 2" in f for f in deleted)  # the client's own ledger names what is missing
+    assert _exit_code(run_dir) == 1
+
+
+def test_last_row_deleted(run_dir):
+    """The chain cannot show a missing tail, but SQLite's sequence and the client's ledger can."""
+    path = run_dir / "ledger.sqlite"
+    last = _rows(path)[-1]
+    _raw(path).execute("DELETE FROM entries WHERE seq = ?", (last.seq,))
+    result = audit_mod.audit(run_dir)
+    deleted = audit_mod.findings_of_kind(result, ["row deleted"])
+    assert any(f"after seq {last.seq - 1}" in f for f in deleted)
+    assert any(f"{last.client_id}'s trained round {last.round}" in f for f in deleted)
+
+
+def test_rows_reordered(run_dir):
+    path = run_dir / "ledger.sqlite"
+    a, b = _seq_of(path, "alpha", 1), _seq_of(path, "alpha", 2)
+    conn = _raw(path)
+    conn.execute("UPDATE entries SET seq = 1000 WHERE seq = ?", (a,))
+    conn.execute("UPDATE entries SET seq = ? WHERE seq = ?", (a, b))
+    conn.execute("UPDATE entries SET seq = ? WHERE seq = 1000", (b,))
+    conn.close()
+    result = audit_mod.audit(run_dir)
+    reordered = audit_mod.findings_of_kind(result, ["rows reordered"])
+    assert any(f"seq {a}" in f for f in reordered)
+    assert any("alpha's trained rounds appear in the order [2, 1, 3]" in f for f in reordered)
+    assert "row deleted" not in _kinds(result)  # a move is not a deletion
+    assert _exit_code(run_dir) == 1
+
+
+def test_signature_from_another_key(run_dir):
+    """Someone re-signs beta's row with their own key (and files that key as the signer)."""
+    path = run_dir / "ledger.sqlite"
+    seq = _seq_of(path, "beta", 1)
+    row = next(e for e in _rows(path) if e.seq == seq)
+    forged = replace(row, epsilon=0.1)
+    other = ec.generate_private_key(ec.SECP384R1())
+    _raw(path).execute(
+        "UPDATE entries SET epsilon = ?, signer = ?, signature = ? WHERE seq = ?",
+        (0.1, public_openssh(other), sign(other, forged.signed_payload()), seq),
+    )
+    _rehash(path)
+    result = audit_mod.audit(run_dir)
+    found = audit_mod.findings_of_kind(result, ["signature from another key"])
+    assert len(found) == 1 and f"row seq {seq} " in found[0] and "client beta" in found[0]
+    assert _exit_code(run_dir) == 1
+
+
+def test_signature_from_another_key_under_the_trusted_signer(run_dir):
+    """Same, but the row still names the client's key as signer: the signature itself does not verify."""
+    path = run_dir / "ledger.sqlite"
+    seq = _seq_of(path, "gamma", 3)
+    row = next(e for e in _rows(path) if e.seq == seq)
+    other = ec.generate_private_key(ec.SECP384R1())
+    _raw(path).execute("UPDATE entries SET signature = ? WHERE seq = ?", (sign(other, row.signed_payload()), seq))
+    _rehash(path)
+    result = audit_mod.audit(run_dir)
+    found = audit_mod.findings_of_kind(result, ["signature from another key"])
+    assert len(found) == 1 and f"row seq {seq} " in found[0] and "gamma" in found[0]
+
+
+def test_budget_raised_after_the_fact(run_dir):
+    """Edit beta's budget in every coordinator row and in config.toml, and re-hash: still caught."""
+    path = run_dir / "ledger.sqlite"
+    _raw(path).execute("UPDATE entries SET budget_epsilon = 20.0 WHERE client_id = 'beta'")
+    _rehash(path)
+    cfg = tomllib.loads((run_dir / "config.toml").read_text())
+    for c in cfg["clients"]:
+        if c["id"] == "beta":
+            c["epsilon"] = 20.0
+    (run_dir / "config.toml").write_text(tomli_w.dumps(cfg))
+    result = audit_mod.audit(run_dir)
+    raised = audit_mod.findings_of_kind(result, ["budget raised"])
+    assert any("client beta" in f and "own ledger budget 8" in f for f in raised)
+    assert "config edited" in _kinds(result)
+    assert not next(c for c in result.clients if c.client == "beta").ok
+    assert next(c for c in result.clients if c.client == "beta").budget == 8.0  # held to the strictest
+    assert _exit_code(run_dir) == 1
+
+
+def test_budget_raised_midway(run_dir):
+    path = run_dir / "ledger.sqlite"
+    _raw(path).execute("UPDATE entries SET budget_epsilon = 12.0 WHERE client_id = 'alpha' AND round >= 2")
+    result = audit_mod.audit(run_dir)
+    assert any(
+        "alpha's budget_epsilon changes from 8" in f for f in audit_mod.findings_of_kind(result, ["budget raised"])
+    )
+
+
+def test_budget_overrun_caught(tmp_path):
+    """A run whose records are consistent and signed, but whose spend went past the budget."""
+    budget = 0.9  # MECH costs ~0.77 for one round, ~1.0 for three
+    run = write_run(tmp_path / "run", budget=budget)
+    result = audit_mod.audit(run)
+    exceeded = audit_mod.findings_of_kind(result, ["budget exceeded"])
+    assert {f.split("client ")[1].split()[0] for f in exceeded} == set(CLIENTS)
+    assert all(f"> budget {budget:g}" in f for f in exceeded)
+    assert _kinds(result) == {"budget exceeded"}  # nothing was tampered with
+    assert _exit_code(run) == 1
+
+
+def test_consistent_under_reporting_is_an_epsilon_mismatch(tmp_path):
+    """A client that under-reports epsilon everywhere (own ledger, signature) is still recomputed."""
+    run = write_run(tmp_path / "run", epsilon_scale=0.5, rounds=2)
+    result = audit_mod.audit(run)
+    assert _kinds(result) == {"epsilon mismatch"}
+    assert any("client alpha" in f and "dp-accounting PLD" in f for f in result.findings)
+
+
+# ---------------------------------------------------------------------------------------------- real run
+
+
+@pytest.mark.slow
+def test_real_simulated_run_audits_clean_and_detects_an_edit(tmp_path):
+    out = tmp_path / "run"
+    proc = subprocess.run(
+        [sys.executable, "-m", "fedllm.cli", "simulate", "tiny", "--quiet", "--out", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    result = audit_mod.audit(out)
+    assert result.findings == [], result.findings
+    assert all(c.rounds_trained >= 1 and c.reported_epsilon <= c.budget for c in result.clients)
+    path = out / "ledger.sqlite"
+    seq = _rows(path)[0].seq
+    _raw(path).execute("UPDATE entries SET epsilon = epsilon / 2 WHERE seq = ?", (seq,))
+    assert "epsilon edited" in _kinds(audit_mod.audit(out))

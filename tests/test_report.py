@@ -1,0 +1,182 @@
+"""Reports: the numbers in report.json are the ledger's, the HTML is self-contained and escaped, and a run
+that stopped early (or never wrote metrics.json) still gets a report."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sqlite3
+
+import pytest
+from test_audit import RUN_ID, write_run
+
+from fedllm.audit import read_entries
+from fedllm.metrics import read as read_metrics
+from fedllm.report import SCHEMA_VERSION, register, write_reports
+
+
+@pytest.fixture(scope="module")
+def refused_run(tmp_path_factory):
+    """Three rounds; gamma refuses from round 2 on, so its epsilon must be carried forward."""
+    run = write_run(tmp_path_factory.mktemp("report") / "run", refuse_from={"gamma": 2})
+    return run, write_reports(run)
+
+
+def test_files_exist(refused_run):
+    run, paths = refused_run
+    assert set(paths) == {"json", "md", "html"}
+    assert paths == {"json": run / "report.json", "md": run / "report.md", "html": run / "report.html"}
+    assert all(p.is_file() and p.stat().st_size > 500 for p in paths.values())
+    assert not list(run.glob("*.tmp"))
+
+
+def test_json_numbers_equal_ledger_numbers(refused_run):
+    run, paths = refused_run
+    report = json.loads(paths["json"].read_text())
+    assert report["schema"] == "fedllm-report" and report["version"] == SCHEMA_VERSION
+    rows = read_entries(run / "ledger.sqlite")
+    metrics = read_metrics(run / "metrics.json")
+    assert [r["round"] for r in report["rounds"]] == [1, 2, 3]
+    assert [r["accuracy"] for r in report["rounds"]] == [r.accuracy for r in metrics.rounds]
+    assert [r["loss"] for r in report["rounds"]] == [r.loss for r in metrics.rounds]
+    assert report["initial"] == {"accuracy": 0.25, "loss": 1.4}
+    assert [c["id"] for c in report["clients"]] == ["alpha", "beta", "gamma"]
+    for c in report["clients"]:
+        mine = [e for e in rows if e.client_id == c["id"]]
+        trained = [e for e in mine if e.status == "trained"]
+        assert c["rounds_trained"] == len(trained)
+        assert c["final_epsilon"] == trained[-1].epsilon
+        assert c["budget_epsilon"] == mine[-1].budget_epsilon == 8.0
+        assert c["delta"] == mine[-1].delta == 1e-5
+        assert c["status_per_round"] == [e.status for e in mine]
+        expected, current = [], 0.0
+        for e in mine:
+            current = e.epsilon if e.status == "trained" else current
+            expected.append(current)
+        assert c["epsilon_per_round"] == expected
+        assert c["key_fingerprint"].startswith("SHA256:")
+    gamma = report["clients"][2]
+    assert gamma["rounds_trained"] == 1
+    assert gamma["epsilon_per_round"][0] == gamma["epsilon_per_round"][1] == gamma["epsilon_per_round"][2] > 0
+    assert gamma["status_per_round"] == ["trained", "refused", "refused"]
+    run_ = report["run"]
+    assert run_["run_id"] == RUN_ID and run_["scenario"] == "audit-test"
+    assert run_["rounds_planned"] == 3 and run_["rounds_completed"] == 3 and run_["stopped_early"] is None
+    assert run_["num_clients"] == 3 and run_["dp"] is True and run_["accountant"] == "prv"
+    assert run_["model"] == {"name": "tiny-bert", "mode": "lora"}
+    assert run_["data"]["source"] == "synthetic" and run_["data"]["partition"] == "iid"
+    assert run_["budgets"] == {"alpha": 8.0, "beta": 8.0, "gamma": 8.0}
+    assert run_["secure_aggregation"] is False and run_["tls"] is False
+    assert report["audit"]["ok"] is True and report["audit"]["findings"] == []
+    assert report["audit"]["tolerance"] == 0.05
+    audited = {c["client"]: c for c in report["audit"]["clients"]}
+    assert audited["alpha"]["recomputed_epsilon"] == pytest.approx(report["clients"][0]["final_epsilon"], rel=1e-6)
+
+
+def test_html_is_self_contained(refused_run):
+    _, paths = refused_run
+    page = paths["html"].read_text()
+    assert "http://" not in page and "https://" not in page
+    assert "http" not in page.lower()  # no URL of any kind: not even an SVG namespace
+    for external in ("<link", "@import", "url(", " src=", "@font-face"):
+        assert external not in page
+    assert page.count("<svg") == 2
+    assert page.count('class="series"') == 3  # one epsilon series per client
+    assert page.count('class="budget"') == 3 and 'stroke-dasharray="6 4"' in page
+    assert 'id="clients-table"' in page and page.count("<tr>") >= 3
+    assert "secure aggregation</th><td" in page and page.count("not used") == 2
+    assert "Audit: clean" in page and "document.body.dataset.rendered" in page
+
+
+def test_markdown_has_the_same_facts(refused_run):
+    _, paths = refused_run
+    md = paths["md"].read_text()
+    report = json.loads(paths["json"].read_text())
+    for c in report["clients"]:
+        assert f"| {c['id']} | 8.0000 | 1e-05 | {c['final_epsilon']:.4f} | {c['rounds_trained']} |" in md
+    assert "| secure aggregation | not used |" in md and "| TLS | not used |" in md
+    assert "| 3 | 0.6000 | 0.9000 | 2 |" in md  # round 3: accuracy, loss, two updates (gamma refused)
+    assert "**Audit:** clean" in md
+
+
+def test_user_strings_are_escaped(tmp_path):
+    evil = '<img src=x onerror="alert(1)">'
+    run = write_run(tmp_path / "run", clients=(evil, "a|b&c"), rounds=1)
+    paths = write_reports(run)
+    page = paths["html"].read_text()
+    assert evil not in page and "&lt;img src=x onerror=&quot;alert(1)&quot;&gt;" in page
+    assert "a|b&amp;c" in page and "a|b&c" not in page
+    assert "a\\|b&c" in paths["md"].read_text()  # a pipe would split the markdown cell
+    assert json.loads(paths["json"].read_text())["clients"][0]["id"] == evil
+
+
+def test_run_that_stopped_early_still_reports(tmp_path):
+    reason = "fewer than min_clients (2) clients have budget left"
+    run = write_run(tmp_path / "run", rounds=2, rounds_planned=5, stopped_early=reason)
+    paths = write_reports(run)
+    report = json.loads(paths["json"].read_text())
+    assert report["run"]["rounds_planned"] == 5 and report["run"]["rounds_completed"] == 2
+    assert report["run"]["stopped_early"] == reason
+    assert len(report["rounds"]) == 2 and all(len(c["epsilon_per_round"]) == 2 for c in report["clients"])
+    assert "The run stopped early" in paths["html"].read_text() and reason in paths["md"].read_text()
+
+
+def test_run_without_metrics_reports_from_the_ledger(tmp_path):
+    """A crash before metrics.json was written: the ledger alone still gives epsilons and statuses."""
+    run = write_run(tmp_path / "run", rounds=2)
+    (run / "metrics.json").unlink()
+    report = json.loads(write_reports(run)["json"].read_text())
+    assert [r["round"] for r in report["rounds"]] == [1, 2]
+    assert all(r["accuracy"] is None for r in report["rounds"])
+    rows = read_entries(run / "ledger.sqlite")
+    assert report["clients"][0]["final_epsilon"] == rows[-1].epsilon
+    assert report["audit"]["ok"] is True
+
+
+def test_non_private_run(tmp_path):
+    run = write_run(tmp_path / "run", dp=False, rounds=2)
+    paths = write_reports(run)
+    report = json.loads(paths["json"].read_text())  # parses: no Infinity in it
+    assert report["run"]["dp"] is False and report["run"]["accountant"] is None
+    for c in report["clients"]:
+        assert c["final_epsilon"] is None and c["budget_epsilon"] is None
+        assert c["epsilon_per_round"] == [None, None] and c["rounds_trained"] == 2
+    page = paths["html"].read_text()
+    assert "non-private run: epsilon is infinite" in page and page.count('class="series"') == 0
+    assert "∞ (non-private)" in paths["md"].read_text()
+
+
+def test_secure_aggregation_and_tls_flags(tmp_path):
+    run = write_run(tmp_path / "run", rounds=1, config_extra={"secure_aggregation": True, "tls": True})
+    paths = write_reports(run)
+    report = json.loads(paths["json"].read_text())
+    assert report["run"]["secure_aggregation"] is True and report["run"]["tls"] is True
+    assert "| secure aggregation | on |" in paths["md"].read_text()
+    assert report["audit"]["ok"] is True
+
+
+def test_tampered_run_report_carries_the_findings(tmp_path):
+    run = write_run(tmp_path / "run", rounds=2)
+    conn = sqlite3.connect(run / "ledger.sqlite", isolation_level=None)
+    conn.execute("DROP TRIGGER entries_no_update")
+    conn.execute("UPDATE entries SET epsilon = 0.01 WHERE seq = 4")
+    conn.close()
+    paths = write_reports(run)
+    report = json.loads(paths["json"].read_text())
+    assert report["audit"]["ok"] is False
+    assert any(f.startswith("epsilon edited") for f in report["audit"]["findings"])
+    assert report["clients"][0]["final_epsilon"] == 0.01  # the report shows what the ledger says...
+    page = paths["html"].read_text()
+    assert 'class="verdict bad"' in page and "epsilon edited" in page  # ...next to the audit saying it is wrong
+
+
+def test_cli(tmp_path, capsys):
+    run = write_run(tmp_path / "run", rounds=1)
+    parser = argparse.ArgumentParser()
+    register(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(["report", str(run)])
+    assert args.handler(args) == 0
+    printed = capsys.readouterr().out.split()
+    assert printed == [str(run / "report.json"), str(run / "report.md"), str(run / "report.html")]
+    assert math.isfinite(json.loads((run / "report.json").read_text())["clients"][0]["final_epsilon"])
