@@ -13,6 +13,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
 from flwr.common import FitIns, FitRes, Parameters, Scalar, ndarrays_to_parameters, parameters_to_ndarrays
 from flwr.server.client_manager import ClientManager
 from flwr.server.client_proxy import ClientProxy
@@ -63,6 +64,7 @@ class BudgetAwareFedAvg(FedAvg):
             accept_failures=True,
             fit_metrics_aggregation_fn=lambda _: {},  # per-client metrics go to the ledger, not an average
         )
+        self.reference = [np.asarray(a) for a in initial_arrays]  # shapes and dtypes every update must have
         self.clients_per_round = clients_per_round
         self.min_clients = min_clients
         self.num_clients = num_clients
@@ -120,12 +122,14 @@ class BudgetAwareFedAvg(FedAvg):
         m = res.metrics
         entry = entry_from_metrics(m)
         self.client_ids[proxy.cid] = entry.client_id
-        update_hash = arrays_hash(parameters_to_ndarrays(res.parameters)) if entry.status == "trained" else ""
+        update = parameters_to_ndarrays(res.parameters) if entry.status == "trained" else []
         problem = ""
         if entry.round != server_round:
             problem = f"report is for round {entry.round}"
-        elif update_hash != entry.model_hash:
-            problem = "update does not match the model hash the client reported"
+        elif entry.status == "trained":
+            problem = self._update_problem(update) or (
+                "" if arrays_hash(update) == entry.model_hash else "update does not match its reported model hash"
+            )
         self.ledger.append(entry)
         assert self._current is not None
         self._current.clients[entry.client_id] = ClientRound(
@@ -143,6 +147,17 @@ class BudgetAwareFedAvg(FedAvg):
             self.exhausted.add(proxy.cid)
             log.warning("client %s refused round %s: budget exhausted", entry.client_id, server_round)
         return entry.status == "trained" and res.num_examples > 0
+
+    def _update_problem(self, update: list[np.ndarray]) -> str:
+        """Why an update cannot be averaged in (wrong count, shape, dtype, or non-finite values), or ''."""
+        if len(update) != len(self.reference):
+            return f"update has {len(update)} tensors, expected {len(self.reference)}"
+        for i, (got, ref) in enumerate(zip(update, self.reference, strict=True)):
+            if got.shape != ref.shape or got.dtype != ref.dtype:
+                return f"tensor {i} is {got.dtype}{list(got.shape)}, expected {ref.dtype}{list(ref.shape)}"
+            if not np.isfinite(got).all():
+                return f"tensor {i} holds NaN or Inf"
+        return ""
 
     def aggregate_fit(
         self,

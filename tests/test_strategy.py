@@ -1,0 +1,97 @@
+"""The coordinator files every client report and averages only well-formed, matching updates."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+from flwr.common import Code, FitRes, Status, ndarrays_to_parameters, parameters_to_ndarrays
+
+from fedllm.accounting import Mechanism
+from fedllm.ledger import Ledger, entry_to_metrics, make_entry
+from fedllm.metrics import RunMetrics
+from fedllm.model import arrays_hash
+from fedllm.strategy import BudgetAwareFedAvg
+
+INITIAL = [np.zeros((2, 3), dtype=np.float32), np.zeros(4, dtype=np.float32)]
+
+
+def _strategy(tmp_path) -> BudgetAwareFedAvg:
+    s = BudgetAwareFedAvg(
+        initial_arrays=INITIAL,
+        num_clients=2,
+        clients_per_round=2,
+        min_clients=1,
+        ledger=Ledger(tmp_path / "ledger.sqlite"),
+        metrics=RunMetrics(run_id="r", scenario="t", dp=True, rounds_planned=1),
+        metrics_path=tmp_path / "metrics.json",
+        config_hash="c",
+    )
+    s._asked = ["1", "2"]
+    s._current = None
+    return s
+
+
+def _reply(cid: str, client: str, arrays: list[np.ndarray], *, round_: int = 1, model_hash: str | None = None):
+    entry = make_entry(
+        run_id="r",
+        round=round_,
+        client_id=client,
+        status="trained",
+        mechanism=Mechanism(1.0, 0.1, 5, 1.0),
+        delta=1e-5,
+        accountant="prv",
+        epsilon=1.0,
+        budget_epsilon=8.0,
+        model_hash=arrays_hash(arrays) if model_hash is None else model_hash,
+    )
+    res = FitRes(Status(Code.OK, ""), ndarrays_to_parameters(arrays), 10, entry_to_metrics(entry))
+    return SimpleNamespace(cid=cid), res
+
+
+def _good(value: float) -> list[np.ndarray]:
+    return [np.full((2, 3), value, dtype=np.float32), np.full(4, value, dtype=np.float32)]
+
+
+@pytest.mark.parametrize(
+    ("bad", "reason"),
+    [
+        ([np.full((2, 3), np.nan, np.float32), np.zeros(4, np.float32)], "NaN or Inf"),
+        ([np.zeros((2, 3), np.float32), np.full(4, np.inf, np.float32)], "NaN or Inf"),
+        ([np.zeros((3, 2), np.float32), np.zeros(4, np.float32)], "expected float32[2, 3]"),
+        ([np.zeros((2, 3), np.float64), np.zeros(4, np.float32)], "expected float32[2, 3]"),
+        ([np.zeros((2, 3), np.float32)], "update has 1 tensors, expected 2"),
+    ],
+)
+def test_broken_updates_are_excluded_with_a_logged_reason(tmp_path, caplog, bad, reason):
+    s = _strategy(tmp_path)
+    params, _ = s.aggregate_fit(1, [_reply("1", "good", _good(2.0)), _reply("2", "bad", bad)], [])
+    assert [a.tolist() for a in parameters_to_ndarrays(params)] == [a.tolist() for a in _good(2.0)]
+    assert reason in caplog.text and "update rejected" in caplog.text
+    assert s._current.clients["bad"].status == "rejected"
+    assert len(s.ledger.entries()) == 2  # the report itself is still filed
+
+
+def test_update_that_differs_from_its_reported_hash_is_excluded(tmp_path, caplog):
+    s = _strategy(tmp_path)
+    params, _ = s.aggregate_fit(
+        1, [_reply("1", "a", _good(2.0)), _reply("2", "b", _good(4.0), model_hash="0" * 64)], []
+    )
+    assert parameters_to_ndarrays(params)[1].tolist() == [2.0] * 4
+    assert "does not match its reported model hash" in caplog.text
+
+
+def test_report_for_another_round_is_excluded(tmp_path, caplog):
+    s = _strategy(tmp_path)
+    params, _ = s.aggregate_fit(1, [_reply("1", "a", _good(2.0)), _reply("2", "b", _good(4.0), round_=7)], [])
+    assert parameters_to_ndarrays(params)[0].tolist() == [[2.0] * 3] * 2
+    assert "report is for round 7" in caplog.text
+
+
+def test_good_updates_are_averaged_by_examples(tmp_path):
+    s = _strategy(tmp_path)
+    params, _ = s.aggregate_fit(1, [_reply("1", "a", _good(2.0)), _reply("2", "b", _good(4.0))], [])
+    assert parameters_to_ndarrays(params)[1].tolist() == [3.0] * 4
+    assert [e.client_id for e in s.ledger.entries()] == ["a", "b"]
+    assert s.ledger.entries()[0].signature == ""  # stored exactly as sent (unsigned here)
