@@ -74,6 +74,9 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--device", help="auto (default), cpu, cuda, cuda:N")
     sim.add_argument("--out", type=Path, help="output directory (default: runs/<scenario>-<time>)")
     sim.add_argument("--no-dp", action="store_true", help="non-private baseline (epsilon = infinity)")
+    sim.add_argument(
+        "--resume", type=Path, metavar="DIR", help="continue the run in DIR from its last completed round"
+    )
     sim.add_argument("--quiet", action="store_true", help="no progress bar or table")
     sim.add_argument("--verbose", action="store_true", help="Flower and Ray logs")
     return parser
@@ -138,24 +141,48 @@ def preflight(spec) -> None:
             )
 
 
+def resume_spec(args: argparse.Namespace):
+    """A resumed run uses exactly the config it started with: any setting flag is an error, not a change."""
+    from fedllm import checkpoint
+    from fedllm import metrics as run_metrics
+    from fedllm.config import config_hash, from_dict, read_toml
+    from fedllm.runspec import RunSpec
+
+    if args.scenario or args.out or overrides_from(args):
+        raise ConfigError("--resume: takes no scenario, --out or setting flags; the run keeps its own config.toml")
+    out = args.resume.resolve()
+    cfg = from_dict(read_toml(out / "config.toml"), source=str(out / "config.toml"))
+    ckpt = checkpoint.load(out)
+    if ckpt.config_hash != config_hash(cfg):
+        raise ConfigError(f"--resume: {out / 'config.toml'} changed since the run started; refusing to resume")
+    metrics = run_metrics.read(out / "metrics.json")
+    if metrics.stopped_early or ckpt.round >= cfg.rounds:
+        raise ConfigError(f"--resume: the run in {out} is already complete ({ckpt.round} of {cfg.rounds} rounds)")
+    return RunSpec(config=cfg, out_dir=out, resume=True, run_id=metrics.run_id), ckpt.round
+
+
 def cmd_simulate(args: argparse.Namespace) -> int:
     from fedllm.config import load_config
     from fedllm.runspec import RunSpec
     from fedllm.simulation import quiet_logs
 
     quiet_logs(args.verbose)
-    cfg, _ = load_config(args.scenario, overrides_from(args))
-    cfg = _apply_budget_flags(cfg, args)
-    out = args.out or Path("runs") / f"{cfg.name}-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
-    if (out / "ledger.sqlite").exists():
-        raise ConfigError(f"--out: {out} already holds a run's ledger; choose a new directory")
-    spec = RunSpec(config=cfg, out_dir=out.resolve())
+    if args.resume:
+        spec, done = resume_spec(args)
+        cfg = spec.config
+    else:
+        cfg, _ = load_config(args.scenario, overrides_from(args))
+        cfg = _apply_budget_flags(cfg, args)
+        out = args.out or Path("runs") / f"{cfg.name}-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
+        if (out / "ledger.sqlite").exists():
+            raise ConfigError(f"--out: {out} already holds a run's ledger; resume it with --resume or choose another")
+        spec, done = RunSpec(config=cfg, out_dir=out.resolve()), 0
     preflight(spec)
     from fedllm import progress
     from fedllm.simulation import simulate
 
     started = time.monotonic()
-    with progress.RoundProgress(cfg.rounds, enabled=not args.quiet) as bar:
+    with progress.RoundProgress(cfg.rounds, enabled=not args.quiet, completed=done) as bar:
         metrics = simulate(spec, on_round=bar.advance, verbose=args.verbose)
     wall = time.monotonic() - started
     if not args.quiet:

@@ -253,5 +253,5 @@ def client_for(spec: RunSpec, context: Context) -> FedClient:
         client_id=client_id,
         state_dir=spec.client_dir(client_id),
         node_state=NodeState(context),
-        run_id=str(context.run_id),
+        run_id=spec.run_id or str(context.run_id),
     )

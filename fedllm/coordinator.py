@@ -16,6 +16,8 @@ from flwr.server import LegacyContext, ServerConfig
 from flwr.server.workflow import DefaultWorkflow
 from flwr.serverapp import Grid
 
+from fedllm import checkpoint
+from fedllm import metrics as run_metrics
 from fedllm.config import config_hash, to_toml
 from fedllm.ledger import Ledger
 from fedllm.metrics import RoundRecord, RunMetrics
@@ -41,30 +43,47 @@ def run_federation(
     grid: Grid, context: Context, spec: RunSpec, on_round: Callable[[RoundRecord], None] | None = None
 ) -> RunMetrics:
     cfg = spec.config
-    spec.out_dir.mkdir(parents=True, exist_ok=True)
-    (spec.out_dir / "config.toml").write_text(to_toml(cfg))
     started = time.monotonic()
     fed = federation_data(cfg)
     model = build_model(cfg.model, len(fed.label_names))
     test = TokenizedDataset(fed.central_test, load_tokenizer(cfg.model.name), cfg.model.max_length)
-    metrics = RunMetrics(
-        run_id=str(context.run_id), scenario=cfg.name, dp=cfg.privacy.enabled, rounds_planned=cfg.rounds
-    )
+    digest = config_hash(cfg)
+    if spec.resume:
+        ckpt = checkpoint.load(spec.out_dir)
+        metrics = run_metrics.read(spec.out_dir / "metrics.json")
+        metrics.rounds = [r for r in metrics.rounds if r.round <= ckpt.round]
+        initial, done = ckpt.arrays, ckpt.round
+    else:
+        spec.out_dir.mkdir(parents=True, exist_ok=True)
+        (spec.out_dir / "config.toml").write_text(to_toml(cfg))
+        metrics = RunMetrics(
+            run_id=spec.run_id or str(context.run_id),
+            scenario=cfg.name,
+            dp=cfg.privacy.enabled,
+            rounds_planned=cfg.rounds,
+        )
+        initial, done = get_trainable(model), 0
+
+    def save_checkpoint(round_: int, arrays: list[np.ndarray]) -> None:
+        checkpoint.save(spec.out_dir, checkpoint.Checkpoint(round_, metrics.run_id, digest, arrays))
+
     with Ledger(spec.ledger_path) as ledger:
         strategy = BudgetAwareFedAvg(
-            initial_arrays=get_trainable(model),
+            initial_arrays=initial,
+            round_offset=done,
+            on_checkpoint=save_checkpoint,
             num_clients=cfg.num_clients,
             clients_per_round=cfg.sampled_per_round,
             min_clients=cfg.min_clients,
             ledger=ledger,
             metrics=metrics,
             metrics_path=spec.out_dir / "metrics.json",
-            config_hash=config_hash(cfg),
+            config_hash=digest,
             evaluate_central=_central_evaluator(spec, model, test) if len(test) else None,
             federated_evaluation=cfg.federated_evaluation,
             on_round=on_round,
         )
-        legacy = LegacyContext(context=context, config=ServerConfig(num_rounds=cfg.rounds), strategy=strategy)
+        legacy = LegacyContext(context=context, config=ServerConfig(num_rounds=cfg.rounds - done), strategy=strategy)
         DefaultWorkflow()(grid, legacy)
         metrics.wall_seconds = time.monotonic() - started
         strategy.save()

@@ -16,7 +16,7 @@ console = Console(stderr=True)
 
 
 class RoundProgress:
-    def __init__(self, rounds: int, enabled: bool = True):
+    def __init__(self, rounds: int, enabled: bool = True, completed: int = 0):
         self.enabled = enabled
         self._progress = Progress(
             TextColumn("[bold]round"),
@@ -27,7 +27,7 @@ class RoundProgress:
             console=console,
             disable=not enabled,
         )
-        self._task = self._progress.add_task("rounds", total=rounds, status="")
+        self._task = self._progress.add_task("rounds", total=rounds, completed=completed, status="")
 
     def __enter__(self) -> RoundProgress:
         self._progress.start()

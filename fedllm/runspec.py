@@ -22,6 +22,8 @@ SPECIAL_KEYS = ("scenario", "out-dir", "config-file")
 class RunSpec:
     config: FederationConfig
     out_dir: Path
+    resume: bool = False  # continue the run recorded in out_dir from its checkpoint
+    run_id: str | None = None  # a resumed run keeps its original id; else Flower's
 
     @property
     def ledger_path(self) -> Path:

@@ -53,6 +53,8 @@ class BudgetAwareFedAvg(FedAvg):
         evaluate_central: EvaluateFn | None = None,
         federated_evaluation: bool = False,
         on_round: Callable[[RoundRecord], None] | None = None,
+        round_offset: int = 0,
+        on_checkpoint: Callable[[int, list[np.ndarray]], None] | None = None,
     ):
         super().__init__(
             fraction_fit=1.0,
@@ -74,6 +76,8 @@ class BudgetAwareFedAvg(FedAvg):
         self.config_hash = config_hash
         self.evaluate_central = evaluate_central
         self.on_round = on_round
+        self.round_offset = round_offset  # rounds completed before a resume: Flower counts from 1 again
+        self.on_checkpoint = on_checkpoint
         self.exhausted: set[str] = set()  # node ids of clients that refused
         self.client_ids: dict[str, str] = {}  # node id -> institution id, learned from replies
         self._asked: list[str] = []
@@ -90,6 +94,7 @@ class BudgetAwareFedAvg(FedAvg):
         self, server_round: int, parameters: Parameters, client_manager: ClientManager
     ) -> list[tuple[ClientProxy, FitIns]]:
         """Only the round number travels to clients: nothing the server sends can change their budgets."""
+        server_round += self.round_offset
         self._round_started = time.monotonic()
         if self.stopped:
             return []
@@ -165,6 +170,7 @@ class BudgetAwareFedAvg(FedAvg):
         results: list[tuple[ClientProxy, FitRes]],
         failures: list[tuple[ClientProxy, FitRes] | BaseException],
     ) -> tuple[Parameters | None, dict[str, Scalar]]:
+        server_round += self.round_offset
         if self._current is None:
             self._current = RoundRecord(round=server_round)
         trained = [(proxy, res) for proxy, res in results if self._record_client(server_round, proxy, res)]
@@ -182,9 +188,15 @@ class BudgetAwareFedAvg(FedAvg):
     # ------------------------------------------------------------------------------------------ evaluate
 
     def evaluate(self, server_round: int, parameters: Parameters) -> tuple[float, dict[str, Scalar]] | None:
-        """Central evaluation on the coordinator's held-out set; closes the round's record."""
+        """Central evaluation on the coordinator's held-out set; closes the round's record.
+
+        Order matters for resuming: the checkpoint is written before ``metrics.json``, so the metrics never
+        claim a round the checkpoint does not hold.
+        """
         if server_round > 0 and (self.stopped or self._current is None):
             return None
+        if server_round == 0 and self.round_offset:
+            return None  # resumed: the initial evaluation was recorded by the first run
         result = None
         if self.evaluate_central is not None:
             loss, accuracy = self.evaluate_central(parameters_to_ndarrays(parameters))
@@ -202,6 +214,8 @@ class BudgetAwareFedAvg(FedAvg):
         if result is not None:
             record.loss, record.accuracy = finite_or_none(result[0]), float(result[1]["accuracy"])
         record.seconds = time.monotonic() - self._round_started
+        if self.on_checkpoint is not None:
+            self.on_checkpoint(record.round, parameters_to_ndarrays(parameters))
         self.metrics.rounds.append(record)
         self._current = None
         self.save()
