@@ -380,65 +380,66 @@ def _check_signatures(view: _ClientView, edited: set[int], key_path: Path, out: 
     return bad
 
 
+def _by_key(rows: Iterable[LedgerEntry], status: str) -> dict[tuple[str, int], list[LedgerEntry]]:
+    """Rows of one status grouped by (run, round), in seq order: a resumed run may repeat a round."""
+    out: dict[tuple[str, int], list[LedgerEntry]] = {}
+    for e in rows:
+        if e.status == status:
+            out.setdefault((e.run_id, e.round), []).append(e)
+    return out
+
+
 def _cross_check(view: _ClientView, out: _Findings) -> set[int]:
-    """The coordinator's trained rows must be the client's own trained rows: same rounds, same mechanism."""
+    """The coordinator's trained rows must be the client's own trained rows: same rounds, same mechanism.
+
+    Rows are paired per (run, round) in order, so a round legitimately trained twice (a coordinator that
+    crashed after filing it and redid it on resume) pairs with the client's two rows rather than being
+    called a duplicate.
+    """
     differ: set[int] = set()
     if view.own is None:
         return differ
-    mine = {(e.run_id, e.round): e for e in view.own if e.status == "trained"}
-    theirs: dict[tuple[str, int], LedgerEntry] = {}
-    for e in view.coord:
-        if e.status != "trained":
-            continue
-        key = (e.run_id, e.round)
-        if key in theirs:
-            out.add(
-                ROW_UNKNOWN_TO_CLIENT, f"coordinator ledger {_row(e)} duplicates seq {theirs[key].seq}", e.client_id
-            )
-            differ.add(e.seq)
-            continue
-        theirs[key] = e
-    for key, c in mine.items():
-        if key not in theirs:
+    mine, theirs = _by_key(view.own, "trained"), _by_key(view.coord, "trained")
+    for key in sorted(set(mine) | set(theirs)):
+        own_rows, coord_rows = mine.get(key, []), theirs.get(key, [])
+        for c in own_rows[len(coord_rows) :]:
             out.add(
                 ROW_DELETED,
                 f"coordinator ledger lacks client {view.client}'s trained round {key[1]}"
                 f" (present in the client's own ledger, seq {c.seq})",
                 view.client,
             )
-    for key, e in theirs.items():
-        c = mine.get(key)
-        if c is None:
+        for e in coord_rows[len(own_rows) :]:
             out.add(
                 ROW_UNKNOWN_TO_CLIENT,
-                f"coordinator ledger {_row(e)}: the client's own ledger has no such round",
+                f"coordinator ledger {_row(e)}: the client's own ledger has no such trained round",
                 e.client_id,
             )
             differ.add(e.seq)
-            continue
-        if e.mechanism != c.mechanism:
-            out.add(
-                MECHANISM_EDITED,
-                f"coordinator ledger {_row(e)}: mechanism {e.mechanism.as_dict()} differs from the client's own"
-                f" ledger {c.mechanism.as_dict()}",
-                e.client_id,
-            )
-            differ.add(e.seq)
-        if not _rel_close(e.epsilon, c.epsilon, 1e-12):
-            out.add(
-                EPSILON_EDITED,
-                f"coordinator ledger {_row(e)} reports epsilon {_fmt(e.epsilon)}, the client's own ledger"
-                f" {_fmt(c.epsilon)}",
-                e.client_id,
-            )
-            differ.add(e.seq)
-        if e.delta != c.delta:
-            out.add(
-                SETTINGS_CHANGED,
-                f"coordinator ledger {_row(e)}: delta {e.delta:g} differs from the client's {c.delta:g}",
-                e.client_id,
-            )
-            differ.add(e.seq)
+        for e, c in zip(coord_rows, own_rows, strict=False):
+            if e.mechanism != c.mechanism:
+                out.add(
+                    MECHANISM_EDITED,
+                    f"coordinator ledger {_row(e)}: mechanism {e.mechanism.as_dict()} differs from the client's own"
+                    f" ledger {c.mechanism.as_dict()}",
+                    e.client_id,
+                )
+                differ.add(e.seq)
+            if not _rel_close(e.epsilon, c.epsilon, 1e-12):
+                out.add(
+                    EPSILON_EDITED,
+                    f"coordinator ledger {_row(e)} reports epsilon {_fmt(e.epsilon)}, the client's own ledger"
+                    f" {_fmt(c.epsilon)}",
+                    e.client_id,
+                )
+                differ.add(e.seq)
+            if e.delta != c.delta:
+                out.add(
+                    SETTINGS_CHANGED,
+                    f"coordinator ledger {_row(e)}: delta {e.delta:g} differs from the client's {c.delta:g}",
+                    e.client_id,
+                )
+                differ.add(e.seq)
     order = [e.round for e in view.coord if e.status == "trained"]
     if order != sorted(order):
         out.add(ROWS_REORDERED, f"client {view.client}'s trained rounds appear in the order {order}", view.client)
@@ -450,11 +451,10 @@ def _spend_sequence(view: _ClientView) -> tuple[list[Mechanism], dict[int, int],
 
     Without a client ledger this is simply the coordinator's trained rows. With one, it follows the
     client's own reservations (its budget counts every reservation, including rounds that then failed and
-    earlier runs on the same node), taking each round's mechanism from the coordinator's row where there is
-    one, so that the coordinator's numbers are what is being checked. Returns (mechanisms, {coordinator
-    row seq: number of mechanisms its epsilon covers}, number of spends the coordinator has no row for).
+    earlier runs on the same node), taking each trained round's mechanism from the coordinator's row, so
+    that the coordinator's numbers are what is being checked. Returns (mechanisms, {coordinator row seq:
+    number of mechanisms its epsilon covers}, number of spends that never trained: failed or unfinished).
     """
-    trained = [e for e in view.coord if e.status == "trained"]
     if view.own_all is None:
         mechanisms: list[Mechanism] = []
         upto: dict[int, int] = {}
@@ -463,24 +463,28 @@ def _spend_sequence(view: _ClientView) -> tuple[list[Mechanism], dict[int, int],
                 mechanisms.append(e.mechanism)
             upto[e.seq] = len(mechanisms)
         return mechanisms, upto, 0
-    by_round = {(e.run_id, e.round): e for e in trained}
-    refused = {(e.run_id, e.round): e for e in view.coord if e.status == "refused"}
-    mechanisms, upto, extra, used = [], {}, 0, set()
-    trained_here = {(c.run_id, c.round) for c in view.own or [] if c.status == "trained"}
+    trained, refused = _by_key(view.coord, "trained"), _by_key(view.coord, "refused")
+    mechanisms, upto, extra = [], {}, 0
+    open_reservation: dict[tuple[str, int], int] = {}  # (run, round) -> index of its reservation
     for c in view.own_all:
         key = (c.run_id, c.round)
         if c.status == "reserved":
-            e = by_round.get(key)
-            if e is not None and key not in used:
-                used.add(key)
-                mechanisms.append(e.mechanism)
-                upto[e.seq] = len(mechanisms)
-            else:
-                mechanisms.append(c.mechanism)
-                if (c.run_id, c.round) not in trained_here:  # a trained round missing upstream is a finding
-                    extra += 1
-        elif c.status == "refused" and key in refused:
-            upto[refused[key].seq] = len(mechanisms)
+            if key in open_reservation:  # reserved again without an outcome: the earlier one never finished
+                extra += 1
+            mechanisms.append(c.mechanism)
+            open_reservation[key] = len(mechanisms) - 1
+        elif c.status == "trained" and key in open_reservation:
+            i = open_reservation.pop(key)
+            if trained.get(key):
+                e = trained[key].pop(0)
+                mechanisms[i] = e.mechanism
+                upto[e.seq] = i + 1
+        elif c.status == "failed" and key in open_reservation:
+            open_reservation.pop(key)
+            extra += 1
+        elif c.status == "refused" and refused.get(key):
+            upto[refused[key].pop(0).seq] = len(mechanisms)
+    extra += len(open_reservation)
     for e in view.coord:  # rows the client never reserved (flagged by the cross-check) still get a number
         if e.seq not in upto:
             if e.status == "trained":
@@ -688,7 +692,10 @@ def audit(run_dir: Path, tolerance: float = DEFAULT_TOLERANCE) -> AuditResult:
         key_path = public_path(clients_dir / cid / "node_key")
         trusted = key_path.read_text().strip() if key_path.is_file() else None
         own = [e for e in own_all if e.run_id in run_ids] if own_all is not None and run_ids else own_all
-        views.append(_ClientView(cid, [e for e in coord if e.client_id == cid], own, own_all, trusted))
+        # "dropped" rows are the coordinator's own note that a client did not answer: no spend, nothing the
+        # client could sign. They are in the hash chain (checked above) but are not the client's claims.
+        claims = [e for e in coord if e.client_id == cid and e.status != "dropped"]
+        views.append(_ClientView(cid, claims, own, own_all, trusted))
 
     clients: list[ClientAudit] = []
     for view in views:

@@ -74,11 +74,13 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--device", help="auto (default), cpu, cuda, cuda:N")
     sim.add_argument("--out", type=Path, help="output directory (default: runs/<scenario>-<time>)")
     sim.add_argument("--no-dp", action="store_true", help="non-private baseline (epsilon = infinity)")
-    sim.add_argument(
-        "--resume", type=Path, metavar="DIR", help="continue the run in DIR from its last completed round"
-    )
+    sim.add_argument("--resume", type=Path, metavar="DIR", help="continue the run in DIR from its last completed round")
     sim.add_argument("--quiet", action="store_true", help="no progress bar or table")
     sim.add_argument("--verbose", action="store_true", help="Flower and Ray logs")
+    from fedllm import audit, report
+
+    audit.register(sub)
+    report.register(sub)
     return parser
 
 
@@ -146,6 +148,7 @@ def resume_spec(args: argparse.Namespace):
     from fedllm import checkpoint
     from fedllm import metrics as run_metrics
     from fedllm.config import config_hash, from_dict, read_toml
+    from fedllm.ledger import Ledger
     from fedllm.runspec import RunSpec
 
     if args.scenario or args.out or overrides_from(args):
@@ -153,6 +156,10 @@ def resume_spec(args: argparse.Namespace):
     out = args.resume.resolve()
     cfg = from_dict(read_toml(out / "config.toml"), source=str(out / "config.toml"))
     ckpt = checkpoint.load(out)
+    with Ledger(out / "ledger.sqlite") as ledger:
+        broken = ledger.verify_chain()
+    if broken:
+        raise ConfigError(f"--resume: {out / 'ledger.sqlite'} failed its integrity check ({broken[0]})")
     if ckpt.config_hash != config_hash(cfg):
         raise ConfigError(f"--resume: {out / 'config.toml'} changed since the run started; refusing to resume")
     metrics = run_metrics.read(out / "metrics.json")
@@ -179,24 +186,28 @@ def cmd_simulate(args: argparse.Namespace) -> int:
         spec, done = RunSpec(config=cfg, out_dir=out.resolve()), 0
     preflight(spec)
     from fedllm import progress
+    from fedllm.report import write_reports
     from fedllm.simulation import simulate
 
     started = time.monotonic()
-    with progress.RoundProgress(cfg.rounds, enabled=not args.quiet, completed=done) as bar:
-        metrics = simulate(spec, on_round=bar.advance, verbose=args.verbose)
+    try:
+        with progress.RoundProgress(cfg.rounds, enabled=not args.quiet, completed=done) as bar:
+            metrics = simulate(spec, on_round=bar.advance, verbose=args.verbose)
+    finally:
+        if (spec.out_dir / "ledger.sqlite").exists():
+            write_reports(spec.out_dir)  # also for a run that stopped early or broke off
     wall = time.monotonic() - started
     if not args.quiet:
         progress.print_summary(metrics, cfg, wall, spec.out_dir)
     return 0
 
 
-COMMANDS = {"simulate": cmd_simulate}
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     try:
         args = build_parser().parse_args(argv)
-        return COMMANDS[args.command](args)
+        if args.command == "simulate":
+            return cmd_simulate(args)
+        return args.handler(args)
     except FedllmError as exc:
         print(f"fedllm: error: {exc}", file=sys.stderr)
         return EXIT_USAGE

@@ -94,6 +94,7 @@ class FederationConfig:
     min_clients: int = 1
     seed: int = 0
     federated_evaluation: bool = False
+    max_update_norm: float | None = None  # coordinator rejects updates that move the model further (L2)
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     training: TrainingConfig = field(default_factory=TrainingConfig)
@@ -325,6 +326,8 @@ def validate(cfg: FederationConfig, source: str = "config") -> None:
         f"must be one of {', '.join(ACCOUNTANTS)}",
         p.accountant,
     )
+    if cfg.max_update_norm is not None:
+        _check(cfg.max_update_norm > 0, source, "max_update_norm", "must be > 0", cfg.max_update_norm)
     _check(cfg.simulation.num_cpus > 0, source, "simulation.num_cpus", "must be > 0", cfg.simulation.num_cpus)
     _check(cfg.simulation.num_gpus >= 0, source, "simulation.num_gpus", "must be >= 0", cfg.simulation.num_gpus)
     seen: set[str] = set()

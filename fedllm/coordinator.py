@@ -71,6 +71,7 @@ def run_federation(
         strategy = BudgetAwareFedAvg(
             initial_arrays=initial,
             round_offset=done,
+            max_update_norm=cfg.max_update_norm,
             on_checkpoint=save_checkpoint,
             num_clients=cfg.num_clients,
             clients_per_round=cfg.sampled_per_round,

@@ -39,6 +39,7 @@ import numpy as np
 from fedllm.errors import ConfigError, DataError
 from fedllm.paths import cache_dir, shared_data_dir
 
+MAX_TEXT_CHARS = 100_000  # one row; a longer "text" is a misplaced document, refused with its row
 PARTITIONS = ("iid", "dirichlet", "per-file")
 SUPPORTED_SUFFIXES = (".csv", ".jsonl", ".json", ".parquet")
 CENTRAL_TEST_STEMS = ("test", "central_test")
@@ -208,6 +209,9 @@ _Raw = tuple[int, Any, Any]  # (row number, raw text value, raw label value)
 
 
 def _parse_csv(path: str, data: bytes, text_column: str, label_column: str) -> Iterator[_Raw]:
+    # The csv module's own cap (128 KiB) would hide an over-long text behind "malformed CSV"; read it,
+    # then refuse it with its size and row.
+    csv.field_size_limit(max(csv.field_size_limit(), 16 * MAX_TEXT_CHARS))
     reader = csv.reader(io.StringIO(_decode(data), newline=""))
     try:
         header = [name.strip() for name in next(reader)]
@@ -322,6 +326,12 @@ def _to_record(path: str, row: int, text: Any, label: Any, text_column: str, lab
         if not (text is None or isinstance(text, str)):
             problem += f", got {type(text).__name__}"
         raise DataError(path, problem, row=row, field=text_column)
+    if len(text) > MAX_TEXT_CHARS:
+        # Truncation to max_length tokens would silently drop almost all of it: such a row is a data error
+        # (a whole document pasted into one cell), not an example.
+        raise DataError(
+            path, f"text is {len(text):,} characters; the limit is {MAX_TEXT_CHARS:,}", row=row, field=text_column
+        )
     return _Record(text, _label_str(path, row, label, label_column), path, row, label_column)
 
 

@@ -554,7 +554,9 @@ def render_markdown(report: dict[str, Any]) -> str:
         )
     lines += ["## Rounds", ""]
     initial = report["initial"]
-    rows = [["0 (initial)", _cell(initial["accuracy"]), _cell(initial["loss"]), "-"]] if initial["accuracy"] is not None else []
+    rows: list[list[Any]] = []
+    if initial["accuracy"] is not None:
+        rows.append(["0 (initial)", _cell(initial["accuracy"]), _cell(initial["loss"]), "-"])
     rows += [[r["round"], _cell(r["accuracy"]), _cell(r["loss"]), _cell(r["aggregated"])] for r in report["rounds"]]
     lines += _md_table(["round", "accuracy", "loss", "updates aggregated"], rows)
     lines += [

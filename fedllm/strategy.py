@@ -54,6 +54,7 @@ class BudgetAwareFedAvg(FedAvg):
         federated_evaluation: bool = False,
         on_round: Callable[[RoundRecord], None] | None = None,
         round_offset: int = 0,
+        max_update_norm: float | None = None,
         on_checkpoint: Callable[[int, list[np.ndarray]], None] | None = None,
     ):
         super().__init__(
@@ -67,6 +68,8 @@ class BudgetAwareFedAvg(FedAvg):
             fit_metrics_aggregation_fn=lambda _: {},  # per-client metrics go to the ledger, not an average
         )
         self.reference = [np.asarray(a) for a in initial_arrays]  # shapes and dtypes every update must have
+        self.max_update_norm = max_update_norm
+        self._global = self.reference  # the model sent this round: updates are measured against it
         self.clients_per_round = clients_per_round
         self.min_clients = min_clients
         self.num_clients = num_clients
@@ -114,6 +117,7 @@ class BudgetAwareFedAvg(FedAvg):
             criterion=_Eligible(self.exhausted),
         )
         self._asked = [proxy.cid for proxy in sample]
+        self._global = parameters_to_ndarrays(parameters)
         self._current = RoundRecord(round=server_round)
         fit_ins = FitIns(parameters, {"server-round": server_round})
         return [(proxy, fit_ins) for proxy in sample]
@@ -162,6 +166,10 @@ class BudgetAwareFedAvg(FedAvg):
                 return f"tensor {i} is {got.dtype}{list(got.shape)}, expected {ref.dtype}{list(ref.shape)}"
             if not np.isfinite(got).all():
                 return f"tensor {i} holds NaN or Inf"
+        if self.max_update_norm is not None:
+            norm = float(np.sqrt(sum(np.sum((u - g) ** 2) for u, g in zip(update, self._global, strict=True))))
+            if norm > self.max_update_norm:
+                return f"update norm {norm:.4g} exceeds max_update_norm {self.max_update_norm:g}"
         return ""
 
     def aggregate_fit(

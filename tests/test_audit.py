@@ -234,6 +234,25 @@ def test_failed_round_reservation_counts_and_is_noted(tmp_path):
     assert any("beta" in n and "reserved spend" in n for n in result.notes)
 
 
+def test_round_redone_after_a_coordinator_restart_audits_clean(run_dir):
+    """A resumed run may train a round twice; both spends are real, signed and in the client's ledger."""
+    key = load_or_create_key(run_dir / "clients" / "alpha" / "node_key")
+    eps = _eps("prv", 4, 1e-5)
+    common = {"run_id": RUN_ID, "round": 3, "client_id": "alpha", "mechanism": MECH, "delta": 1e-5}
+    common |= {"accountant": "prv", "epsilon": eps, "budget_epsilon": 8.0}
+    with Ledger(run_dir / "clients" / "alpha" / "ledger.sqlite") as own:
+        own.append(make_entry(**common, status="reserved"))
+        own.append(make_entry(**common, status="trained"))
+    entry = make_entry(**common, status="trained", config_hash=_rows(run_dir / "ledger.sqlite")[0].config_hash)
+    with Ledger(run_dir / "ledger.sqlite") as coord:
+        coord.append(replace(entry, signer=public_openssh(key), signature=sign(key, entry.signed_payload())))
+    result = audit_mod.audit(run_dir)
+    assert result.findings == []
+    alpha = result.clients[0]
+    assert alpha.rounds_trained == 4 and alpha.reported_epsilon == eps
+    assert math.isclose(alpha.recomputed_epsilon, eps, rel_tol=1e-9)
+
+
 def test_refused_rounds_audit_clean(tmp_path):
     run = write_run(tmp_path / "run", refuse_from={"gamma": 2})
     result = audit_mod.audit(run)

@@ -87,4 +87,4 @@ def test_screenshot(report_html, tmp_path):
     assert shot.is_file()
     data = shot.read_bytes()
     assert data[:8] == b"\x89PNG\r\n\x1a\n"
-    assert len(data) > 20_000  # charts and tables, not a blank page (a blank 1200x1600 PNG is a few kB)
+    assert len(data) > 20_000  # charts and tables, not a blank page (a blank 1200x1600 page is about 9 kB)

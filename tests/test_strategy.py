@@ -17,8 +17,9 @@ from fedllm.strategy import BudgetAwareFedAvg
 INITIAL = [np.zeros((2, 3), dtype=np.float32), np.zeros(4, dtype=np.float32)]
 
 
-def _strategy(tmp_path) -> BudgetAwareFedAvg:
+def _strategy(tmp_path, max_update_norm: float | None = None) -> BudgetAwareFedAvg:
     s = BudgetAwareFedAvg(
+        max_update_norm=max_update_norm,
         initial_arrays=INITIAL,
         num_clients=2,
         clients_per_round=2,
@@ -95,3 +96,10 @@ def test_good_updates_are_averaged_by_examples(tmp_path):
     assert parameters_to_ndarrays(params)[1].tolist() == [3.0] * 4
     assert [e.client_id for e in s.ledger.entries()] == ["a", "b"]
     assert s.ledger.entries()[0].signature == ""  # stored exactly as sent (unsigned here)
+
+
+def test_update_beyond_the_norm_bound_is_excluded(tmp_path, caplog):
+    s = _strategy(tmp_path, max_update_norm=5.0)  # good(1.0) moves by sqrt(10) = 3.2; good(2.0) by 6.3
+    params, _ = s.aggregate_fit(1, [_reply("1", "a", _good(1.0)), _reply("2", "b", _good(2.0))], [])
+    assert parameters_to_ndarrays(params)[1].tolist() == [1.0] * 4
+    assert "update norm 6.325 exceeds max_update_norm 5" in caplog.text
