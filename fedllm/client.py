@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 from collections.abc import Iterator, MutableMapping
 from dataclasses import dataclass, replace
 from functools import lru_cache, partial
@@ -190,6 +191,7 @@ class FedClient(NumPyClient):
             history_before = budget.history()
             # Write-ahead: the spend is on disk before a single example is read.
             record(status="reserved", mechanism=mechanism, epsilon=decision.epsilon_after)
+            _maybe_vanish(self.client_id, server_round)
             accountant = make_accountant(self.privacy.accountant, history_before)
             model = self._model_with(parameters)
             try:
@@ -242,6 +244,19 @@ class FedClient(NumPyClient):
             model, self.assets.test, batch_size=self.config.training.eval_batch_size, device=self.device
         )
         return float(loss), len(self.assets.test), {"accuracy": accuracy, "client-id": self.client_id}
+
+
+FAULT_ENV = "FEDLLM_FAULT_VANISH"
+
+
+def _maybe_vanish(client_id: str, server_round: int) -> None:
+    """Fault injection for reliability tests: ``FEDLLM_FAULT_VANISH="id:round"`` kills this process.
+
+    ``os._exit`` skips every cleanup, as a power cut or a killed node would; it is the only way to test
+    that a vanished client neither stops the round nor loses its recorded spend.
+    """
+    if os.environ.get(FAULT_ENV) == f"{client_id}:{server_round}":
+        os._exit(137)
 
 
 def client_for(spec: RunSpec, context: Context) -> FedClient:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import math
 import tomllib
 import types
 import typing
@@ -219,10 +220,9 @@ def _type_ok(value: Any, hint: Any) -> tuple[bool, Any]:
                 return False, None
             out.append(conv)
         return True, tuple(out)
-    if hint is float:
-        return (isinstance(value, int | float) and not isinstance(value, bool)), (
-            float(value) if isinstance(value, int | float) else None
-        )
+    if hint is float:  # NaN and infinity are never meaningful settings (an infinite epsilon is no budget)
+        ok = isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+        return ok, (float(value) if ok else None)
     if hint is int:
         return isinstance(value, int) and not isinstance(value, bool), value
     if hint is bool:

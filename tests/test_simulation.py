@@ -122,3 +122,19 @@ def test_no_dp_baseline_is_labelled(tmp_path):
     with Ledger(out / "ledger.sqlite") as ledger:
         assert {e.accountant for e in ledger.entries()} == {"none"}
         assert all(math.isinf(e.epsilon) for e in ledger.entries())
+
+
+def test_node_keys_are_private_and_never_leak_into_records(tiny_run):
+    from cryptography.hazmat.primitives.serialization import load_ssh_private_key
+
+    keys = sorted(tiny_run.glob("clients/*/node_key"))
+    assert [k.parent.name for k in keys] == ["alpha", "beta", "gamma"]
+    records = [p for p in tiny_run.rglob("*") if p.is_file() and p.name != "node_key"]
+    assert any(p.name == "report.html" for p in records) and any(p.name == "ledger.sqlite" for p in records)
+    for key in keys:
+        assert key.stat().st_mode & 0o777 == 0o600
+        scalar = load_ssh_private_key(key.read_bytes(), password=None).private_numbers().private_value
+        secrets = [scalar.to_bytes(48, "big"), f"{scalar:x}".encode(), str(scalar).encode()]
+        for path in records:
+            data = path.read_bytes()
+            assert not any(secret in data for secret in secrets), f"private key material in {path}"
