@@ -250,13 +250,14 @@ FAULT_ENV = "FEDLLM_FAULT_VANISH"
 
 
 def _maybe_vanish(client_id: str, server_round: int) -> None:
-    """Fault injection for reliability tests: ``FEDLLM_FAULT_VANISH="id:round"`` kills this process.
+    """Fault injection for reliability tests: ``FEDLLM_FAULT_VANISH="id:round"`` aborts this client's round.
 
-    ``os._exit`` skips every cleanup, as a power cut or a killed node would; it is the only way to test
-    that a vanished client neither stops the round nor loses its recorded spend.
+    It fires after the spend is reserved and before training, and no reply reaches the coordinator: to it
+    the client has vanished. (An ``os._exit`` would be closer to a power cut, but in simulation it would
+    also kill the shared Ray worker that serves other clients.)
     """
     if os.environ.get(FAULT_ENV) == f"{client_id}:{server_round}":
-        os._exit(137)
+        raise ConnectionAbortedError(f"fault injection: client {client_id} vanished in round {server_round}")
 
 
 def client_for(spec: RunSpec, context: Context) -> FedClient:
