@@ -51,6 +51,10 @@ class Mechanism:
         return dp_accounting.SelfComposedDpEvent(step, self.steps)
 
 
+# A round in which nothing was released (refused, dropped): zero steps, composes to nothing.
+NO_RELEASE = Mechanism(noise_multiplier=0.0, sample_rate=0.0, steps=0, max_grad_norm=0.0)
+
+
 def history_of(mechanisms: Iterable[Mechanism]) -> list[tuple[float, float, int]]:
     """Opacus accountant history, in the canonical form its ``step()`` builds.
 

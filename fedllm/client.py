@@ -21,7 +21,7 @@ import torch
 from flwr.app import ConfigRecord, Context
 from flwr.client import NumPyClient
 
-from fedllm.accounting import Mechanism, history_of, make_accountant
+from fedllm.accounting import NO_RELEASE, Mechanism, history_of, make_accountant
 from fedllm.budget import ClientBudget, plan_mechanism
 from fedllm.config import FederationConfig, ModelConfig, config_hash
 from fedllm.data import ClientSplit
@@ -35,7 +35,6 @@ log = logging.getLogger("fedllm.client")
 
 # Statuses a client reports for a round; the coordinator adds "dropped" for clients that never answered.
 TRAINED, REFUSED = "trained", "refused"
-NO_MECHANISM = Mechanism(noise_multiplier=0.0, sample_rate=0.0, steps=0, max_grad_norm=0.0)
 
 
 class NodeState(MutableMapping[str, str]):
@@ -184,8 +183,8 @@ class FedClient(NumPyClient):
                     self.privacy.epsilon,
                     decision.spent_epsilon,
                 )
-                record(status=REFUSED, mechanism=NO_MECHANISM, epsilon=decision.spent_epsilon)
-                metrics = self._report(server_round, REFUSED, NO_MECHANISM, decision.spent_epsilon, None)
+                record(status=REFUSED, mechanism=NO_RELEASE, epsilon=decision.spent_epsilon)
+                metrics = self._report(server_round, REFUSED, NO_RELEASE, decision.spent_epsilon, None)
                 metrics["projected-epsilon"] = decision.epsilon_after
                 return [], 0, metrics
             history_before = budget.history()

@@ -21,7 +21,8 @@ from flwr.server.criterion import Criterion
 from flwr.server.strategy import FedAvg
 
 from fedllm import metrics as run_metrics
-from fedllm.ledger import Ledger, entry_from_metrics
+from fedllm.accounting import NO_RELEASE
+from fedllm.ledger import Ledger, entry_from_metrics, make_entry
 from fedllm.metrics import ClientRound, RoundRecord, RunMetrics, finite_or_none
 from fedllm.model import arrays_hash
 
@@ -157,6 +158,34 @@ class BudgetAwareFedAvg(FedAvg):
             log.warning("client %s refused round %s: budget exhausted", entry.client_id, server_round)
         return entry.status == "trained" and res.num_examples > 0
 
+    def _record_dropped(self, server_round: int, node_id: str) -> None:
+        """A sampled client that never answered: noted in the metrics and, once its id is known, the ledger.
+
+        The ledger row is the coordinator's own, unsigned note (no spend, no mechanism); the client's own
+        ledger still holds whatever it reserved before it vanished.
+        """
+        client_id = self.client_ids.get(node_id)
+        log.warning("client %s dropped out of round %s", client_id or f"node-{node_id}", server_round)
+        assert self._current is not None
+        self._current.clients[client_id or f"node-{node_id}"] = ClientRound(status="dropped")
+        last = next(iter(self.ledger.entries(client_id=client_id)[-1:]), None) if client_id else None
+        if last is None:
+            return
+        self.ledger.append(
+            make_entry(
+                run_id=self.metrics.run_id,
+                round=server_round,
+                client_id=last.client_id,
+                status="dropped",
+                mechanism=NO_RELEASE,
+                delta=last.delta,
+                accountant=last.accountant,
+                epsilon=last.epsilon,
+                budget_epsilon=last.budget_epsilon,
+                config_hash=self.config_hash,
+            )
+        )
+
     def _update_problem(self, update: list[np.ndarray]) -> str:
         """Why an update cannot be averaged in (wrong count, shape, dtype, or non-finite values), or ''."""
         if len(update) != len(self.reference):
@@ -185,9 +214,7 @@ class BudgetAwareFedAvg(FedAvg):
         answered = {proxy.cid for proxy, _ in results}
         for cid in self._asked:
             if cid not in answered:
-                client_id = self.client_ids.get(cid, f"node-{cid}")
-                self._current.clients[client_id] = ClientRound(status="dropped")
-                log.warning("client %s dropped out of round %s", client_id, server_round)
+                self._record_dropped(server_round, cid)
         self._current.aggregated = len(trained)
         if not trained:
             return None, {}

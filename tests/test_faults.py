@@ -14,6 +14,7 @@ import pytest
 
 from fedllm import metrics as run_metrics
 from fedllm.accounting import epsilon_of_mechanisms
+from fedllm.audit import audit
 from fedllm.cli import main
 from fedllm.client import FAULT_ENV
 from fedllm.ledger import Ledger
@@ -23,21 +24,30 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.mark.slow
 def test_a_vanished_client_does_not_stop_the_round(tmp_path, monkeypatch):
-    monkeypatch.setenv(FAULT_ENV, "client-1:1")  # inherited by the Ray workers started below
+    monkeypatch.setenv(FAULT_ENV, "client-1:2")  # inherited by the Ray workers started below
     out = tmp_path / "run"
-    assert main(["simulate", "tiny", "--quiet", "--out", str(out)]) == 0
+    assert main(["simulate", "tiny", "--quiet", "--rounds", "3", "--out", str(out)]) == 0
     m = run_metrics.read(out / "metrics.json")
-    first = m.rounds[0]
-    assert first.aggregated == 2
-    assert {cid: c.status for cid, c in first.clients.items()} == {
+    assert [r.aggregated for r in m.rounds] == [3, 2, 3]
+    assert {cid: c.status for cid, c in m.rounds[1].clients.items()} == {
         "client-0": "trained",
+        "client-1": "dropped",
         "client-2": "trained",
-        **{k: "dropped" for k in first.clients if k.startswith("node-")},
     }
-    assert sum(1 for c in first.clients.values() if c.status == "dropped") == 1
-    # its spend for the round it vanished in was reserved before training: still counted afterwards
+    with Ledger(out / "ledger.sqlite") as ledger:
+        assert [(e.round, e.status) for e in ledger.entries(client_id="client-1")] == [
+            (1, "trained"),
+            (2, "dropped"),
+            (3, "trained"),
+        ]
+    # the spend it reserved before vanishing still counts: round 3's epsilon composes all three rounds
     with Ledger(out / "clients" / "client-1" / "ledger.sqlite") as own:
-        assert next(e.round for e in own.entries(status="reserved")) == 1
+        spent = own.spent("client-1")
+        final = own.entries(status="trained")[-1]
+    assert len(spent) == 3
+    assert final.epsilon == pytest.approx(epsilon_of_mechanisms("prv", spent, final.delta), rel=1e-9)
+    result = audit(out)
+    assert result.ok, result.findings
 
 
 CLIENT = textwrap.dedent(
