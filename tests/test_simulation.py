@@ -110,6 +110,7 @@ def test_run_stops_cleanly_when_too_few_clients_remain(tmp_path):
     assert [r.round for r in m.rounds] == [1, 2]
     assert m.rounds[1].clients["a"].status == "refused"
     assert m.stopped_early and "round 3" in m.stopped_early
+    assert {"report.html", "report.md", "report.json"} <= {p.name for p in out.iterdir()}  # also when stopped early
 
 
 def test_no_dp_baseline_is_labelled(tmp_path):
@@ -138,3 +139,16 @@ def test_node_keys_are_private_and_never_leak_into_records(tiny_run):
         for path in records:
             data = path.read_bytes()
             assert not any(secret in data for secret in secrets), f"private key material in {path}"
+
+
+def test_simulate_leaves_no_process_running(tiny_run):
+    import time
+
+    import psutil
+
+    deadline = time.monotonic() + 20
+    while (left := [p for p in psutil.Process().children(recursive=True) if p.status() != psutil.STATUS_ZOMBIE]) and (
+        time.monotonic() < deadline
+    ):
+        time.sleep(0.5)
+    assert not left, [p.cmdline()[:3] for p in left]
