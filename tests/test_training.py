@@ -108,3 +108,34 @@ def test_set_trainable_rejects_wrong_shapes():
     arrays[0] = arrays[0][:1]
     with pytest.raises(ValueError, match="shape"):
         set_trainable(model, arrays)
+
+
+@pytest.mark.parametrize(("sigma", "clip", "batch"), [(1.0, 1.0, 16), (2.5, 0.5, 8)])
+def test_noise_has_the_std_the_accountant_assumes(sigma, clip, batch, tiny_texts, tokenizer, monkeypatch):
+    """With nothing to learn (empty batches), the gradient the optimizer sees is the noise alone: its std must
+    be noise_multiplier x max_grad_norm / expected batch size. Missing or mis-scaled noise fails here."""
+    monkeypatch.setattr(training, "_is_empty", lambda b: True)
+    seen: list[torch.Tensor] = []
+    original = torch.optim.AdamW.step
+
+    def spy(self, *args, **kwargs):
+        seen.append(torch.cat([p.grad.flatten() for g in self.param_groups for p in g["params"]]).clone())
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", spy)
+    data = TokenizedDataset(tiny_texts, tokenizer, 32)
+    train_dp(
+        _model("lora"),
+        data,
+        steps=2,
+        batch_size=batch,
+        learning_rate=1e-3,
+        dp=DPSettings(sigma, clip, "lora"),
+        accountant=make_accountant("prv"),
+        device=DEVICE,
+    )
+    expected_batch = int(len(data) * (1 / -(-len(data) // batch)))  # Opacus: n x sample rate
+    grads = torch.cat(seen)
+    assert len(seen) == 2 and grads.numel() > 4000
+    assert float(grads.mean()) == pytest.approx(0.0, abs=0.08 * sigma * clip / expected_batch)
+    assert float(grads.std()) == pytest.approx(sigma * clip / expected_batch, rel=0.06)  # 4,228 draws
