@@ -111,6 +111,7 @@ class FedClient(NumPyClient):
         self.node_state = node_state
         self.run_id = run_id
         self.assets = assets or _assets(config, client_id)
+        self.config_hash = config_hash(config)  # identifies the settings in every ledger row this client writes
         self.device = pick_device(config.training.device)
 
     # -------------------------------------------------------------------------------------------- helpers
@@ -150,7 +151,7 @@ class FedClient(NumPyClient):
             accountant=self.privacy.accountant if dp else "none",
             epsilon=epsilon,
             budget_epsilon=self.privacy.epsilon if dp else math.inf,
-            config_hash=config_hash(self.config),
+            config_hash=self.config_hash,
             model_hash=arrays_hash(update) if update else "",
         )
         key = load_or_create_key(self.state_dir / "node_key")
@@ -172,7 +173,7 @@ class FedClient(NumPyClient):
                 run_id=self.run_id,
                 round=server_round,
                 model_hash=arrays_hash(parameters),
-                config_hash=config_hash(self.config),
+                config_hash=self.config_hash,
             )
             if not decision.allowed:
                 log.warning(

@@ -102,7 +102,6 @@ class BudgetAwareFedAvg(FedAvg):
         self._round_started = time.monotonic()
         if self.stopped:
             return []
-        client_manager.wait_for(self.num_clients)
         eligible = self.num_clients - len(self.exhausted)
         if eligible < self.min_clients:
             self.metrics.stopped_early = (
