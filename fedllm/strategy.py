@@ -22,7 +22,7 @@ from flwr.server.strategy import FedAvg
 
 from fedllm import metrics as run_metrics
 from fedllm.accounting import NO_RELEASE
-from fedllm.ledger import Ledger, entry_from_metrics, make_entry
+from fedllm.ledger import Ledger, LedgerEntry, entry_from_metrics, make_entry
 from fedllm.metrics import ClientRound, RoundRecord, RunMetrics, finite_or_none
 from fedllm.model import arrays_hash
 
@@ -87,6 +87,7 @@ class BudgetAwareFedAvg(FedAvg):
         self._asked: list[str] = []
         self._round_started = time.monotonic()
         self._current: RoundRecord | None = None
+        self._pending: list[LedgerEntry] = []  # this round's rows, filed when the round closes
 
     @property
     def stopped(self) -> bool:
@@ -139,7 +140,7 @@ class BudgetAwareFedAvg(FedAvg):
             problem = self._update_problem(update) or (
                 "" if arrays_hash(update) == entry.model_hash else "update does not match its reported model hash"
             )
-        self.ledger.append(entry)
+        self._pending.append(entry)
         assert self._current is not None
         self._current.clients[entry.client_id] = ClientRound(
             status=entry.status if not problem else "rejected",
@@ -170,7 +171,7 @@ class BudgetAwareFedAvg(FedAvg):
         last = next(iter(self.ledger.entries(client_id=client_id)[-1:]), None) if client_id else None
         if last is None:
             return
-        self.ledger.append(
+        self._pending.append(
             make_entry(
                 run_id=self.metrics.run_id,
                 round=server_round,
@@ -250,6 +251,7 @@ class BudgetAwareFedAvg(FedAvg):
         record.seconds = time.monotonic() - self._round_started
         if self.on_checkpoint is not None:
             self.on_checkpoint(record.round, parameters_to_ndarrays(parameters))
+        self.file_pending()  # after the checkpoint: a resumed run never files a round twice
         self.metrics.rounds.append(record)
         self._current = None
         self.save()
@@ -277,6 +279,12 @@ class BudgetAwareFedAvg(FedAvg):
         )
         self.save()
         return super().aggregate_evaluate(server_round, results, failures)
+
+    def file_pending(self) -> None:
+        """Append this round's rows to the run's ledger in one go, in the order the replies arrived."""
+        for entry in self._pending:
+            self.ledger.append(entry)
+        self._pending = []
 
     def save(self) -> None:
         run_metrics.write(self.metrics, self.metrics_path)

@@ -71,6 +71,7 @@ def test_broken_updates_are_excluded_with_a_logged_reason(tmp_path, caplog, bad,
     assert [a.tolist() for a in parameters_to_ndarrays(params)] == [a.tolist() for a in _good(2.0)]
     assert reason in caplog.text and "update rejected" in caplog.text
     assert s._current.clients["bad"].status == "rejected"
+    s.file_pending()  # what closing the round does
     assert len(s.ledger.entries()) == 2  # the report itself is still filed
 
 
@@ -94,6 +95,8 @@ def test_good_updates_are_averaged_by_examples(tmp_path):
     s = _strategy(tmp_path)
     params, _ = s.aggregate_fit(1, [_reply("1", "a", _good(2.0)), _reply("2", "b", _good(4.0))], [])
     assert parameters_to_ndarrays(params)[1].tolist() == [3.0] * 4
+    assert s.ledger.entries() == []  # filed only when the round closes, after the checkpoint
+    s.file_pending()
     assert [e.client_id for e in s.ledger.entries()] == ["a", "b"]
     assert s.ledger.entries()[0].signature == ""  # stored exactly as sent (unsigned here)
 
