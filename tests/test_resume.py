@@ -21,8 +21,10 @@ TINY = Path(__file__).resolve().parents[1] / "simulations" / "tiny.toml"
 
 
 def _scenario(tmp_path: Path, rounds: int) -> Path:
+    """Budgets planned for twice the rounds: the round a kill interrupts is reserved, and rerun, for real."""
     path = tmp_path / "s.toml"
-    path.write_text(TINY.read_text().replace("rounds = 2", f"rounds = {rounds}"))
+    text = TINY.read_text().replace("rounds = 2", f"rounds = {rounds}")
+    path.write_text(text.replace("[privacy]", f"[privacy]\nplanned_rounds = {2 * rounds}"))
     return path
 
 
