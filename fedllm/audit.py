@@ -13,7 +13,7 @@ coordinator wrote. See ``docs/audit.md`` for what this can and cannot detect.
 
 Every finding is one line that starts with the kind of problem (``epsilon edited``, ``row deleted``,
 ``rows reordered``, ``signature from another key``, ``budget raised``, ``budget exceeded``,
-``epsilon mismatch``, ...) and names the ledger, row and client.
+``epsilon mismatch``, ``empirical privacy violation``, ...) and names the ledger, row and client.
 """
 
 from __future__ import annotations
@@ -646,6 +646,28 @@ def _metrics_cross_check(run_dir: Path, coord: list[LedgerEntry], out: _Findings
                 )
 
 
+def _empirical_check(run_dir: Path, out: _Findings, notes: list[str]) -> None:
+    """A one-run empirical audit stored with the run (``DIR/empirical/result.json``, ``fedllm/empirical.py``):
+    its lower bound may not exceed the epsilon the audited client reported. It is never proof of privacy,
+    so a bound below the claim is only a note."""
+    from fedllm.empirical import EMPIRICAL_VIOLATION, load_result
+
+    result = load_result(run_dir)
+    if result is None:
+        return
+    if result.violation:
+        out.add(
+            EMPIRICAL_VIOLATION,
+            f"{result.describe()}: the mechanism leaks more than its accountant reports (is the noise really added?)",
+            result.client,
+        )
+    else:
+        notes.append(f"empirical audit, {result.describe()}: a lower bound for this adversary, not a proof of privacy")
+    if result.reference_run is not None:
+        ref = "∞ (non-private)" if result.reference_epsilon is None else f"{result.reference_epsilon:.4f}"
+        notes.append(f"empirical audit re-ran the config with canaries in {result.run_dir}; this run reported {ref}")
+
+
 def audit(run_dir: Path, tolerance: float = DEFAULT_TOLERANCE) -> AuditResult:
     """Audit the run in ``run_dir``; raises :class:`FedllmError` only when it is not a run directory."""
     run_dir = Path(run_dir)
@@ -709,6 +731,7 @@ def audit(run_dir: Path, tolerance: float = DEFAULT_TOLERANCE) -> AuditResult:
         tainted = edited | bad_sig | differ
         clients.append(_audit_client(view, cfg, tolerance, tainted, out, notes))
     _metrics_cross_check(run_dir, coord, out)
+    _empirical_check(run_dir, out, notes)
 
     private = any(c.private for c in clients) if clients else bool(cfg and cfg[0])
     if clients and not private:
@@ -794,12 +817,22 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
         help=f"relative tolerance against dp-accounting's PLD epsilon (default {DEFAULT_TOLERANCE})",
     )
     parser.add_argument("--json", action="store_true", help="print the result as JSON")
+    parser.add_argument(
+        "--empirical",
+        action="store_true",
+        help="also run a one-run empirical audit (canaries; re-runs config.toml into DIR/empirical/ unless the run"
+        " was itself audited) and flag a lower bound above the reported epsilon",
+    )
     parser.set_defaults(handler=run)
     return parser
 
 
 def run(args: argparse.Namespace) -> int:
     """0 when the audit is clean, 1 on any finding."""
+    if getattr(args, "empirical", False):
+        from fedllm.empirical import audit_run
+
+        audit_run(args.dir)  # stored in DIR/empirical/result.json, where audit() finds it
     result = audit(args.dir, args.tolerance)
     if getattr(args, "json", False):
         print(json.dumps(result.to_dict(), indent=2, allow_nan=False))

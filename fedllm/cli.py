@@ -74,13 +74,18 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--device", help="auto (default), cpu, cuda, cuda:N")
     sim.add_argument("--out", type=Path, help="output directory (default: runs/<scenario>-<time>)")
     sim.add_argument("--no-dp", action="store_true", help="non-private baseline (epsilon = infinity)")
+    sim.add_argument(
+        "--no-secagg", action="store_true", help="send updates in clear to the coordinator (default: SecAgg+)"
+    )
     sim.add_argument("--resume", type=Path, metavar="DIR", help="continue the run in DIR from its last completed round")
     sim.add_argument("--quiet", action="store_true", help="no progress bar or table")
     sim.add_argument("--verbose", action="store_true", help="Flower and Ray logs")
-    from fedllm import audit, report
+    from fedllm import audit, certs, deploy, report
 
     audit.register(sub)
     report.register(sub)
+    certs.register(sub)
+    deploy.register(sub)
     return parser
 
 
@@ -104,6 +109,8 @@ def overrides_from(args: argparse.Namespace) -> dict[str, Any]:
     out = {k: v for k, v in flags.items() if v is not None}
     if args.no_dp:
         out["privacy.enabled"] = False
+    if args.no_secagg:
+        out["secure_aggregation.enabled"] = False
     return out
 
 
@@ -120,10 +127,16 @@ def _apply_budget_flags(raw_cfg, args: argparse.Namespace):
 def preflight(spec) -> None:
     """Load the data and plan every client's mechanism now, so bad input fails before Ray starts."""
     from fedllm.budget import plan_mechanism
+    from fedllm.data import NODE_SOURCE
     from fedllm.model import build_model, load_tokenizer, pick_device
     from fedllm.runspec import federation_data
 
     cfg = spec.config
+    if cfg.data.source == NODE_SOURCE:
+        raise ConfigError(
+            f"data.source: '{NODE_SOURCE}' is for a deployed run (fedllm run, docs/deployment.md); a simulation"
+            " needs the data itself"
+        )
     pick_device(cfg.training.device)
     fed = federation_data(cfg)
     load_tokenizer(cfg.model.name)

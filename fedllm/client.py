@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import time
 from collections.abc import Iterator, MutableMapping
 from dataclasses import dataclass, replace
 from functools import lru_cache, partial
@@ -25,9 +26,13 @@ from fedllm.accounting import NO_RELEASE, Mechanism, history_of, make_accountant
 from fedllm.budget import ClientBudget, plan_mechanism
 from fedllm.config import FederationConfig, ModelConfig, config_hash
 from fedllm.data import ClientSplit
+from fedllm.errors import ConfigError
 from fedllm.ledger import Ledger, entry_to_metrics, make_entry
 from fedllm.model import arrays_hash, build_model, get_trainable, load_tokenizer, pick_device, set_trainable
+from fedllm.profile import NODE_CONFIG_KEY as PROFILE_KEY
+from fedllm.profile import load_profile
 from fedllm.runspec import RunSpec, federation_data
+from fedllm.secure_aggregation import Masking, encode_update, zero_update
 from fedllm.signing import load_or_create_key, public_openssh, sign
 from fedllm.training import DPSettings, TokenizedDataset, evaluate, train_dp, train_plain
 
@@ -83,11 +88,18 @@ def _model(model_cfg: ModelConfig, num_labels: int) -> torch.nn.Module:
 @lru_cache(maxsize=64)
 def _assets(config: FederationConfig, client_id: str) -> NodeAssets:
     fed = federation_data(config)
-    split = next(c for c in fed.clients if c.client_id == client_id)
+    split = next((c for c in fed.clients if c.client_id == client_id), None)
+    if split is None:
+        raise ConfigError(f"client '{client_id}': the run's data gives it no rows (a deployed node needs a profile)")
+    return assets_for(config, split, len(fed.label_names))
+
+
+def assets_for(config: FederationConfig, split: ClientSplit, num_labels: int) -> NodeAssets:
+    """Tokenize one client's split once: simulation partitions the data, a deployed node reads its own file."""
     tokenizer = load_tokenizer(config.model.name)
     return NodeAssets(
         split=split,
-        num_labels=len(fed.label_names),
+        num_labels=num_labels,
         train=TokenizedDataset(split.train, tokenizer, config.model.max_length),
         test=TokenizedDataset(split.test, tokenizer, config.model.max_length),
     )
@@ -103,8 +115,11 @@ class FedClient(NumPyClient):
         node_state: MutableMapping[str, str],
         run_id: str,
         assets: NodeAssets | None = None,
+        signing_key: Path | None = None,
     ):
         self.config = config
+        # In deployment the node key the consortium registered also signs this client's ledger rows.
+        self.signing_key = signing_key or state_dir / "node_key"
         self.client_id = client_id
         self.privacy = config.client_privacy(client_id)
         self.state_dir = state_dir
@@ -154,16 +169,35 @@ class FedClient(NumPyClient):
             config_hash=self.config_hash,
             model_hash=arrays_hash(update) if update else "",
         )
-        key = load_or_create_key(self.state_dir / "node_key")
+        key = load_or_create_key(self.signing_key)
         entry = replace(entry, signer=public_openssh(key), signature=sign(key, entry.signed_payload()))
         return entry_to_metrics(entry)
+
+    def _send(
+        self, update: list[np.ndarray], received: list[np.ndarray], config: dict, metrics: dict
+    ) -> tuple[list[np.ndarray], int, dict]:
+        """The reply to a training request: the trained tensors in clear, or a delta ready for masking."""
+        masking = Masking.from_config(config)
+        if masking is None:
+            return update, len(self.assets.train), metrics
+        delta, weight = encode_update(update, received, len(self.assets.train), masking)
+        return delta, weight, metrics
+
+    def _opt_in_metrics(self, metrics: dict) -> dict:
+        """Per-client training loss leaves the node only where the scenario opts in: it describes local data."""
+        return metrics if self.config.share_client_metrics else {}
+
+    @staticmethod
+    def _outgoing_nothing(received: list[np.ndarray], config: dict) -> list[np.ndarray]:
+        """A client that does not train sends nothing, or, under SecAgg+, a zero delta of weight 0."""
+        return zero_update(received) if Masking.from_config(config) else []
 
     # -------------------------------------------------------------------------------------------- Flower
 
     def fit(self, parameters: list[np.ndarray], config: dict) -> tuple[list[np.ndarray], int, dict]:
         server_round = int(config.get("server-round", 0))
         if not self.config.privacy.enabled:
-            return self._fit_plain(parameters, server_round)
+            return self._fit_plain(parameters, server_round, config)
         with Ledger(self.state_dir / "ledger.sqlite") as ledger:
             budget = ClientBudget(ledger, self.client_id, self.privacy, self.node_state)
             mechanism = self._mechanism()
@@ -187,7 +221,7 @@ class FedClient(NumPyClient):
                 record(status=REFUSED, mechanism=NO_RELEASE, epsilon=decision.spent_epsilon)
                 metrics = self._report(server_round, REFUSED, NO_RELEASE, decision.spent_epsilon, None)
                 metrics["projected-epsilon"] = decision.epsilon_after
-                return [], 0, metrics
+                return self._outgoing_nothing(parameters, config), 0, metrics
             history_before = budget.history()
             # Write-ahead: the spend is on disk before a single example is read.
             record(status="reserved", mechanism=mechanism, epsilon=decision.epsilon_after)
@@ -217,10 +251,12 @@ class FedClient(NumPyClient):
             record(status=TRAINED, mechanism=mechanism, epsilon=epsilon)
         update = get_trainable(model)
         metrics = self._report(server_round, TRAINED, mechanism, epsilon, update)
-        metrics.update({"loss": result.loss, "empty-batches": result.empty_batches})
-        return update, len(self.assets.train), metrics
+        metrics.update(self._opt_in_metrics({"loss": result.loss, "empty-batches": result.empty_batches}))
+        return self._send(update, parameters, config, metrics)
 
-    def _fit_plain(self, parameters: list[np.ndarray], server_round: int) -> tuple[list[np.ndarray], int, dict]:
+    def _fit_plain(
+        self, parameters: list[np.ndarray], server_round: int, config: dict
+    ) -> tuple[list[np.ndarray], int, dict]:
         """The non-private baseline, labelled as such in every record (epsilon infinite)."""
         model = self._model_with(parameters)
         result = train_plain(
@@ -234,8 +270,8 @@ class FedClient(NumPyClient):
         mechanism = Mechanism(0.0, result.sample_rate, result.steps, math.inf)
         update = get_trainable(model)
         metrics = self._report(server_round, TRAINED, mechanism, math.inf, update)
-        metrics["loss"] = result.loss
-        return update, len(self.assets.train), metrics
+        metrics.update(self._opt_in_metrics({"loss": result.loss}))
+        return self._send(update, parameters, config, metrics)
 
     def evaluate(self, parameters: list[np.ndarray], config: dict) -> tuple[float, int, dict]:
         """Local test split; runs only when the scenario opts in to federated evaluation."""
@@ -247,21 +283,36 @@ class FedClient(NumPyClient):
 
 
 FAULT_ENV = "FEDLLM_FAULT_VANISH"
+STALL_ENV = "FEDLLM_FAULT_STALL"
+
+
+def _fault_armed(env: str, client_id: str, server_round: int) -> bool:
+    return os.environ.get(env) == f"{client_id}:{server_round}"
 
 
 def _maybe_vanish(client_id: str, server_round: int) -> None:
-    """Fault injection for reliability tests: ``FEDLLM_FAULT_VANISH="id:round"`` aborts this client's round.
+    """Fault injection for reliability tests, fired after the spend is reserved and before training.
 
-    It fires after the spend is reserved and before training, and no reply reaches the coordinator: to it
-    the client has vanished. (An ``os._exit`` would be closer to a power cut, but in simulation it would
-    also kill the shared Ray worker that serves other clients.)
+    ``FEDLLM_FAULT_VANISH="id:round"`` aborts this client's round: no reply reaches the coordinator, so to
+    it the client has vanished. (An ``os._exit`` would be closer to a power cut, but in simulation it would
+    also kill the shared Ray worker that serves other clients.) ``FEDLLM_FAULT_STALL="id:round"`` hangs the
+    round instead, so a test can kill the coordinator at a known point mid-round.
     """
-    if os.environ.get(FAULT_ENV) == f"{client_id}:{server_round}":
+    if _fault_armed(FAULT_ENV, client_id, server_round):
         raise ConnectionAbortedError(f"fault injection: client {client_id} vanished in round {server_round}")
+    if _fault_armed(STALL_ENV, client_id, server_round):
+        time.sleep(3600)
 
 
 def client_for(spec: RunSpec, context: Context) -> FedClient:
-    """Simulation: the node's partition id picks its institution from the scenario's client list."""
+    """Simulation: the node's partition id picks its institution from the scenario's client list.
+
+    A deployed node names its profile in its node config instead; see :func:`client_for_profile`.
+    """
+    if PROFILE_KEY in context.node_config:
+        return client_for_profile(spec, context)
+    from fedllm.empirical import client_assets
+
     partition = int(context.node_config["partition-id"])
     client_id = spec.config.clients[partition].id
     return FedClient(
@@ -270,4 +321,32 @@ def client_for(spec: RunSpec, context: Context) -> FedClient:
         state_dir=spec.client_dir(client_id),
         node_state=NodeState(context),
         run_id=spec.run_id or str(context.run_id),
+        assets=client_assets(spec.config, client_id, spec.client_dir(client_id)),  # + canaries, if audited
+    )
+
+
+def client_for_profile(spec: RunSpec, context: Context) -> FedClient:
+    """Deployment: the node's own profile, not the submitted run config, says who it is and what it may spend.
+
+    The run config comes from whoever submitted the run; the profile is the institution's. So client id,
+    data file, budget (epsilon, delta, planned rounds), state directory and signing key are the profile's,
+    and the run's entry for this client is overwritten with them before anything is planned or checked.
+    """
+    profile = load_profile(str(context.node_config[PROFILE_KEY]))
+    config = profile.apply_to(spec.config)
+    if config is not spec.config:
+        log.warning(
+            "client %s: the run's settings for this client differ from its profile %s; the profile's are enforced",
+            profile.id,
+            profile.source,
+        )
+    split = profile.load_split(config)
+    return FedClient(
+        config=config,
+        client_id=profile.id,
+        state_dir=profile.state_dir,
+        node_state=NodeState(context),
+        run_id=spec.run_id or str(context.run_id),
+        assets=assets_for(config, split, len(config.data.labels or ())),
+        signing_key=profile.node_key,
     )

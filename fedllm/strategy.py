@@ -25,6 +25,7 @@ from fedllm.accounting import NO_RELEASE
 from fedllm.ledger import Ledger, LedgerEntry, entry_from_metrics, make_entry
 from fedllm.metrics import ClientRound, RoundRecord, RunMetrics, finite_or_none
 from fedllm.model import arrays_hash
+from fedllm.secure_aggregation import Masking, apply_delta
 
 log = logging.getLogger("fedllm.server")
 
@@ -57,7 +58,10 @@ class BudgetAwareFedAvg(FedAvg):
         round_offset: int = 0,
         max_update_norm: float | None = None,
         on_checkpoint: Callable[[int, list[np.ndarray]], None] | None = None,
+        masking: Masking | None = None,
     ):
+        # A masked sum of one update is that update: SecAgg+ rounds need two clients at least.
+        min_clients = max(min_clients, 2) if masking else min_clients
         super().__init__(
             fraction_fit=1.0,
             fraction_evaluate=1.0 if federated_evaluation else 0.0,
@@ -82,6 +86,7 @@ class BudgetAwareFedAvg(FedAvg):
         self.on_round = on_round
         self.round_offset = round_offset  # rounds completed before a resume: Flower counts from 1 again
         self.on_checkpoint = on_checkpoint
+        self.masking = masking  # None: plain FedAvg on updates in clear
         self.exhausted: set[str] = set()  # node ids of clients that refused
         self.client_ids: dict[str, str] = {}  # node id -> institution id, learned from replies
         self._asked: list[str] = []
@@ -120,7 +125,9 @@ class BudgetAwareFedAvg(FedAvg):
         self._asked = [proxy.cid for proxy in sample]
         self._global = parameters_to_ndarrays(parameters)
         self._current = RoundRecord(round=server_round)
-        fit_ins = FitIns(parameters, {"server-round": server_round})
+        fit_ins = FitIns(
+            parameters, {"server-round": server_round, **(self.masking.to_config() if self.masking else {})}
+        )
         return [(proxy, fit_ins) for proxy in sample]
 
     def _record_client(self, server_round: int, proxy: ClientProxy, res: FitRes) -> bool:
@@ -132,11 +139,12 @@ class BudgetAwareFedAvg(FedAvg):
         m = res.metrics
         entry = entry_from_metrics(m)
         self.client_ids[proxy.cid] = entry.client_id
-        update = parameters_to_ndarrays(res.parameters) if entry.status == "trained" else []
+        masked = self.masking is not None  # under SecAgg+ res.parameters is the round's sum, not this update
+        update = parameters_to_ndarrays(res.parameters) if entry.status == "trained" and not masked else []
         problem = ""
         if entry.round != server_round:
             problem = f"report is for round {entry.round}"
-        elif entry.status == "trained":
+        elif entry.status == "trained" and not masked:
             problem = self._update_problem(update) or (
                 "" if arrays_hash(update) == entry.model_hash else "update does not match its reported model hash"
             )
@@ -186,7 +194,7 @@ class BudgetAwareFedAvg(FedAvg):
             )
         )
 
-    def _update_problem(self, update: list[np.ndarray]) -> str:
+    def _update_problem(self, update: list[np.ndarray], check_norm: bool = True) -> str:
         """Why an update cannot be averaged in (wrong count, shape, dtype, or non-finite values), or ''."""
         if len(update) != len(self.reference):
             return f"update has {len(update)} tensors, expected {len(self.reference)}"
@@ -195,7 +203,7 @@ class BudgetAwareFedAvg(FedAvg):
                 return f"tensor {i} is {got.dtype}{list(got.shape)}, expected {ref.dtype}{list(ref.shape)}"
             if not np.isfinite(got).all():
                 return f"tensor {i} holds NaN or Inf"
-        if self.max_update_norm is not None:
+        if check_norm and self.max_update_norm is not None:
             norm = float(np.sqrt(sum(np.sum((u - g) ** 2) for u, g in zip(update, self._global, strict=True))))
             if norm > self.max_update_norm:
                 return f"update norm {norm:.4g} exceeds max_update_norm {self.max_update_norm:g}"
@@ -218,7 +226,32 @@ class BudgetAwareFedAvg(FedAvg):
         self._current.aggregated = len(trained)
         if not trained:
             return None, {}
+        if self.masking is not None:
+            return self._aggregate_masked(results)
         return super().aggregate_fit(server_round, trained, failures)
+
+    def _aggregate_masked(
+        self, results: list[tuple[ClientProxy, FitRes]]
+    ) -> tuple[Parameters | None, dict[str, Scalar]]:
+        """SecAgg+ hands over the weighted mean of the clients' deltas; no single update is ever seen.
+
+        A bad report cannot be pulled out of a masked sum, so one invalid reply voids the whole round (the
+        global model stays as it was); so does a mean that is not finite or not shaped like the model.
+        """
+        assert self._current is not None
+        if any(c.status == "rejected" for c in self._current.clients.values()):
+            log.warning("round %s: an invalid report is inside the masked sum; round discarded", self._current.round)
+            self._current.aggregated = 0
+            return None, {}
+        mean_delta = parameters_to_ndarrays(results[0][1].parameters)
+        shapes_match = [d.shape for d in mean_delta] == [r.shape for r in self.reference]
+        proposed = apply_delta(self._global, mean_delta) if shapes_match else mean_delta
+        problem = self._update_problem(proposed, check_norm=False)
+        if problem:
+            log.warning("round %s: masked aggregate rejected: %s", self._current.round, problem)
+            self._current.aggregated = 0
+            return None, {}
+        return ndarrays_to_parameters(proposed), {}
 
     # ------------------------------------------------------------------------------------------ evaluate
 

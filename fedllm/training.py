@@ -6,13 +6,16 @@ caller passes in is the one Opacus advances, so the spend recorded is the spend 
 
 from __future__ import annotations
 
+import logging
 import math
+import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
 from opacus import PrivacyEngine
 from opacus.accountants import IAccountant
+from opacus.optimizers import DPOptimizer
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
@@ -22,10 +25,15 @@ GRAD_SAMPLE_MODE = {"lora": "hooks", "last-layers": "hooks", "full": "ghost"}
 
 
 class TokenizedDataset(Dataset):
-    """Token ids per example, truncated once; padding happens per batch in :func:`collate`."""
+    """Token ids per example, truncated once; padding happens per batch in :func:`collate`.
+
+    An empty split is valid (a client of a 1,000-client federation can hold one example, all of it in
+    train): a fast tokenizer raises ``IndexError`` on an empty batch, so it is not called for one.
+    """
 
     def __init__(self, data: TextDataset, tokenizer, max_length: int):
-        encoded = tokenizer(list(data.texts), truncation=True, max_length=max_length)["input_ids"]
+        texts = list(data.texts)
+        encoded = tokenizer(texts, truncation=True, max_length=max_length)["input_ids"] if texts else []
         self.input_ids = [torch.tensor(ids, dtype=torch.long) for ids in encoded]
         self.labels = torch.tensor(list(data.labels), dtype=torch.long)
         self.pad_id = int(tokenizer.pad_token_id or 0)
@@ -151,6 +159,7 @@ def train_dp(
     else:
         gsm, dp_optimizer, dp_loader = wrapped
         criterion = nn.CrossEntropyLoss()
+    _maybe_drop_noise(dp_optimizer)
     sample_rate = float(dp_loader.sample_rate)
     losses: list[float] = []
     empty = seen = 0
@@ -184,6 +193,35 @@ def train_dp(
     )
 
 
+NO_NOISE_ENV = "FEDLLM_FAULT_NO_NOISE"
+
+
+def _maybe_drop_noise(optimizer: DPOptimizer) -> None:
+    """Fault injection for the empirical audit's tests: ``FEDLLM_FAULT_NO_NOISE=1`` adds no noise.
+
+    The optimizer's ``noise_multiplier`` is zeroed only while the noise is drawn, so the accountant hook,
+    which reads it right after, still records the planned noise: the ledger and the reported epsilon look
+    exactly like a correct run's. That is the bug a one-run audit must catch (``fedllm/empirical.py``).
+    """
+    if os.environ.get(NO_NOISE_ENV) != "1":
+        return
+    logging.getLogger("fedllm.training").critical(
+        "%s=1: this training adds NO noise and its reported epsilon is false (fault injection for tests)",
+        NO_NOISE_ENV,
+    )
+    add_noise = optimizer.add_noise
+
+    def add_no_noise() -> None:
+        sigma = optimizer.noise_multiplier
+        optimizer.noise_multiplier = 0.0
+        try:
+            add_noise()
+        finally:
+            optimizer.noise_multiplier = sigma
+
+    optimizer.add_noise = add_no_noise
+
+
 def train_plain(
     model: nn.Module,
     data: TokenizedDataset,
@@ -210,7 +248,7 @@ def train_plain(
         losses.append(float(loss.detach()))
         seen += len(labels)
     return LocalResult(
-        loss=sum(losses) / len(losses),
+        loss=sum(losses) / len(losses) if losses else math.nan,
         steps=steps,
         empty_batches=0,
         examples_seen=seen,

@@ -67,7 +67,7 @@ def test_json_numbers_equal_ledger_numbers(refused_run):
     assert run_["model"] == {"name": "tiny-bert", "mode": "lora"}
     assert run_["data"]["source"] == "synthetic" and run_["data"]["partition"] == "iid"
     assert run_["budgets"] == {"alpha": 8.0, "beta": 8.0, "gamma": 8.0}
-    assert run_["secure_aggregation"] is False and run_["tls"] is False
+    assert run_["secure_aggregation"] is True and run_["tls"] is False  # SecAgg+ is on by default
     assert report["audit"]["ok"] is True and report["audit"]["findings"] == []
     assert report["audit"]["tolerance"] == 0.05
     audited = {c["client"]: c for c in report["audit"]["clients"]}
@@ -85,7 +85,7 @@ def test_html_is_self_contained(refused_run):
     assert page.count('class="series"') == 3  # one epsilon series per client
     assert page.count('class="budget"') == 3 and 'stroke-dasharray="6 4"' in page
     assert 'id="clients-table"' in page and page.count("<tr>") >= 3
-    assert "secure aggregation</th><td" in page and page.count("not used") == 2
+    assert "secure aggregation</th><td" in page and page.count("not used") == 1  # TLS; SecAgg+ is on
     assert "Audit: clean" in page and "document.body.dataset.rendered" in page
 
 
@@ -95,7 +95,7 @@ def test_markdown_has_the_same_facts(refused_run):
     report = json.loads(paths["json"].read_text())
     for c in report["clients"]:
         assert f"| {c['id']} | 8.0000 | 1e-05 | {c['final_epsilon']:.4f} | {c['rounds_trained']} |" in md
-    assert "| secure aggregation | not used |" in md and "| TLS | not used |" in md
+    assert "| secure aggregation | on |" in md and "| TLS | not used |" in md
     assert "| 3 | 0.6000 | 0.9000 | 2 |" in md  # round 3: accuracy, loss, two updates (gamma refused)
     assert "**Audit:** clean" in md
 
@@ -148,11 +148,11 @@ def test_non_private_run(tmp_path):
 
 
 def test_secure_aggregation_and_tls_flags(tmp_path):
-    run = write_run(tmp_path / "run", rounds=1, config_extra={"secure_aggregation": True, "tls": True})
+    run = write_run(tmp_path / "run", rounds=1, config_extra={"secure_aggregation": {"enabled": False}, "tls": True})
     paths = write_reports(run)
     report = json.loads(paths["json"].read_text())
-    assert report["run"]["secure_aggregation"] is True and report["run"]["tls"] is True
-    assert "| secure aggregation | on |" in paths["md"].read_text()
+    assert report["run"]["secure_aggregation"] is False and report["run"]["tls"] is True
+    assert "| secure aggregation | not used |" in paths["md"].read_text()
     assert report["audit"]["ok"] is True
 
 

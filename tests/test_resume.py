@@ -14,6 +14,7 @@ import pytest
 from fedllm import checkpoint
 from fedllm import metrics as run_metrics
 from fedllm.cli import main
+from fedllm.client import STALL_ENV
 from fedllm.ledger import Ledger
 from fedllm.model import arrays_hash
 
@@ -47,19 +48,33 @@ def _kill_group(proc: subprocess.Popen) -> None:
     proc.wait(timeout=30)
 
 
+def _wait_for_reservation(state: Path, round_: int, proc: subprocess.Popen, timeout: float = 240) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, "the run ended before it could be killed"
+        if (state / "ledger.sqlite").exists():
+            with Ledger(state / "ledger.sqlite") as own:
+                if any(e.round == round_ for e in own.entries(status="reserved")):
+                    return
+        time.sleep(0.2)
+    raise AssertionError(f"round {round_} never started")
+
+
 @pytest.mark.slow
 def test_sigkill_mid_round_then_resume(tmp_path):
     out = tmp_path / "run"
     cmd = [sys.executable, "-m", "fedllm.cli", "simulate", str(_scenario(tmp_path, 4)), "--quiet", "--out", str(out)]
-    proc = subprocess.Popen(cmd, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    # client-1 hangs in round 2 after reserving its spend: the kill lands mid-round, whatever the machine's speed
+    env = {**os.environ, STALL_ENV: "client-1:2"}
+    proc = subprocess.Popen(cmd, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
     try:
         _wait_for_round(out / "metrics.json", 1, proc)
-        time.sleep(1.0)  # into round 2
+        _wait_for_reservation(out / "clients" / "client-1", 2, proc)
     finally:
         _kill_group(proc)
     ckpt = checkpoint.load(out)
     done = ckpt.round
-    assert done >= 1 and len(run_metrics.read(out / "metrics.json").rounds) == done
+    assert done == 1 and len(run_metrics.read(out / "metrics.json").rounds) == done
     saved_model = arrays_hash(ckpt.arrays)
 
     assert main(["simulate", "--resume", str(out), "--quiet"]) == 0

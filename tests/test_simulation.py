@@ -152,3 +152,13 @@ def test_simulate_leaves_no_process_running(tiny_run):
     ):
         time.sleep(0.5)
     assert not left, [p.cmdline()[:3] for p in left]
+
+
+def test_secure_aggregation_is_on_and_per_client_loss_stays_on_the_node(tiny_run):
+    """Default: SecAgg+ masks every update; a refusing client adds a zero of weight 0; no loss in clear."""
+    cfg = from_dict(tomllib.loads((tiny_run / "config.toml").read_text()))
+    assert cfg.secure_aggregation.enabled and not cfg.share_client_metrics
+    m = run_metrics.read(tiny_run / "metrics.json")
+    assert [r.aggregated for r in m.rounds] == [3, 3, 2]  # beta refused round 3, inside the masked sum
+    assert all(c.loss is None for r in m.rounds for c in r.clients.values())
+    assert len({r.loss for r in m.rounds} | {m.initial_loss}) == 4  # the masked mean moved the model each round

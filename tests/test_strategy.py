@@ -12,14 +12,16 @@ from fedllm.accounting import Mechanism
 from fedllm.ledger import Ledger, entry_to_metrics, make_entry
 from fedllm.metrics import RunMetrics
 from fedllm.model import arrays_hash
+from fedllm.secure_aggregation import Masking
 from fedllm.strategy import BudgetAwareFedAvg
 
 INITIAL = [np.zeros((2, 3), dtype=np.float32), np.zeros(4, dtype=np.float32)]
 
 
-def _strategy(tmp_path, max_update_norm: float | None = None) -> BudgetAwareFedAvg:
+def _strategy(tmp_path, max_update_norm: float | None = None, masking: Masking | None = None) -> BudgetAwareFedAvg:
     s = BudgetAwareFedAvg(
         max_update_norm=max_update_norm,
+        masking=masking,
         initial_arrays=INITIAL,
         num_clients=2,
         clients_per_round=2,
@@ -106,3 +108,55 @@ def test_update_beyond_the_norm_bound_is_excluded(tmp_path, caplog):
     params, _ = s.aggregate_fit(1, [_reply("1", "a", _good(1.0)), _reply("2", "b", _good(2.0))], [])
     assert parameters_to_ndarrays(params)[1].tolist() == [1.0] * 4
     assert "update norm 6.325 exceeds max_update_norm 5" in caplog.text
+
+
+MASKING = Masking(clipping_range=1.0, max_weight=10)
+
+
+def _masked(s: BudgetAwareFedAvg, mean_delta: list[np.ndarray], *rounds: int):
+    """What SecAgg+ hands the strategy: every result carries the unmasked mean delta, reports in clear."""
+    replies = [_reply(str(i), f"c{i}", [np.zeros_like(a) for a in INITIAL], round_=r) for i, r in enumerate(rounds)]
+    for _, res in replies:
+        res.parameters = ndarrays_to_parameters(mean_delta)
+    s._current = None
+    return s.aggregate_fit(1, replies, [])
+
+
+def test_masked_mean_delta_moves_the_global_model(tmp_path):
+    s = _strategy(tmp_path, masking=MASKING)
+    s._global = _good(1.0)
+    delta = [np.full((2, 3), 0.25), np.full(4, -0.5)]  # SecAgg+ dequantizes to float64
+    params, _ = _masked(s, delta, 1, 1)
+    new = parameters_to_ndarrays(params)
+    assert new[0].dtype == np.float32 and new[0].tolist() == [[1.25] * 3] * 2 and new[1].tolist() == [0.5] * 4
+    assert s.min_fit_clients == 2  # a masked "sum" of one update would be that update
+
+
+def test_masked_round_with_an_invalid_report_is_discarded(tmp_path, caplog):
+    """A bad update cannot be pulled out of a masked sum: the round's aggregate is dropped as a whole."""
+    s = _strategy(tmp_path, masking=MASKING)
+    params, _ = _masked(s, [np.full((2, 3), 0.25), np.full(4, 0.25)], 1, 7)
+    assert params is None and s._current.aggregated == 0
+    assert "invalid report is inside the masked sum" in caplog.text
+
+
+@pytest.mark.parametrize(
+    ("mean", "reason"),
+    [
+        ([np.full((2, 3), np.nan), np.zeros(4)], "NaN or Inf"),
+        ([np.zeros((3, 2)), np.zeros(4)], "expected float32[2, 3]"),
+    ],
+)
+def test_masked_aggregate_that_is_not_a_model_is_rejected(tmp_path, caplog, mean, reason):
+    s = _strategy(tmp_path, masking=MASKING)
+    params, _ = _masked(s, mean, 1, 1)
+    assert params is None and reason in caplog.text
+
+
+def test_masked_round_tells_clients_the_grid(tmp_path):
+    s = _strategy(tmp_path, masking=MASKING)
+    manager = SimpleNamespace(sample=lambda **_: [SimpleNamespace(cid="1"), SimpleNamespace(cid="2")])
+    pairs = s.configure_fit(1, ndarrays_to_parameters(INITIAL), manager)
+    assert Masking.from_config(pairs[0][1].config) == MASKING
+    plain = _strategy(tmp_path / "plain")
+    assert Masking.from_config(plain.configure_fit(1, ndarrays_to_parameters(INITIAL), manager)[0][1].config) is None

@@ -1,0 +1,152 @@
+"""How long a client waits for its own accounting: epsilon after 1,000 rounds, and noise calibration.
+
+Target: a client's epsilon after 1,000 rounds in <= 1 s. Every evaluation here is cold (the accountant's
+result cache is cleared first), because the first call of a round is the one a client pays for.
+
+Three views of "epsilon after 1,000 rounds":
+
+* ``merged``: the real case inside one run. A client's mechanism is the same every round (noise is
+  calibrated once for the whole schedule), so ``history_of`` merges 1,000 rounds into one
+  ``(sigma, q, 1000 * steps)`` entry.
+* ``client path``: what ``ClientBudget`` does at the start of round 1,001 -- read 1,000 rounds from the
+  client's SQLite ledger, then ``decide`` (spent and projected epsilon).
+* ``distinct``: a history whose consecutive entries differ (e.g. a ledger shared by many runs with
+  different schedules). Opacus' accountants then pay per entry; we measure the growth on small sizes
+  and extrapolate instead of running 1,000 PRV entries, which exhausted memory here.
+
+Usage: ``python -m benchmarks.accounting [--repeats 5] [--rounds 1000] [--local-steps 20]``
+"""
+
+from __future__ import annotations
+
+import argparse
+import resource
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+from benchmarks._common import fmt, quiet_env, spread, table, write
+
+DELTA = 1e-5
+EXAMPLES, BATCH = 2000, 32
+
+
+def _cold_epsilon(kind: str, history: list[tuple[float, float, int]]) -> tuple[float, float]:
+    from fedllm.accounting import _epsilon_cached, epsilon_of
+
+    _epsilon_cached.cache_clear()
+    start = time.perf_counter()
+    eps = epsilon_of(kind, history, DELTA)
+    return time.perf_counter() - start, eps
+
+
+def _client_path(kind: str, rounds: int, steps: int, sigma: float, q: float) -> tuple[float, float, float]:
+    """(seconds to read the ledger + decide, seconds to fill the ledger, epsilon spent)."""
+    from fedllm.accounting import Mechanism, _epsilon_cached
+    from fedllm.budget import ClientBudget
+    from fedllm.config import PrivacyConfig
+    from fedllm.ledger import Ledger, make_entry
+
+    mech = Mechanism(noise_multiplier=sigma, sample_rate=q, steps=steps, max_grad_norm=1.0)
+    privacy = PrivacyConfig(epsilon=1e9, delta=DELTA, accountant=kind)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "ledger.sqlite"
+        fill = time.perf_counter()
+        with Ledger(path) as ledger:
+            for r in range(rounds):
+                ledger.append(
+                    make_entry(
+                        run_id="bench",
+                        round=r + 1,
+                        client_id="c",
+                        status="reserved",
+                        mechanism=mech,
+                        delta=DELTA,
+                        accountant=kind,
+                        epsilon=0.0,
+                        budget_epsilon=1e9,
+                    )
+                )
+        fill = time.perf_counter() - fill
+        _epsilon_cached.cache_clear()
+        start = time.perf_counter()
+        with Ledger(path) as ledger:
+            budget = ClientBudget(ledger, "c", privacy, {})
+            decision = budget.decide(mech)
+        return time.perf_counter() - start, fill, decision.spent_epsilon
+
+
+def _calibrate(kind: str, q: float, total_steps: int, target: float) -> tuple[float, float]:
+    from fedllm.accounting import calibrate_noise
+
+    start = time.perf_counter()
+    sigma = calibrate_noise(target_epsilon=target, delta=DELTA, sample_rate=q, total_steps=total_steps, accountant=kind)
+    return time.perf_counter() - start, sigma
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--rounds", type=int, default=1000)
+    parser.add_argument("--local-steps", type=int, default=20)
+    args = parser.parse_args()
+    quiet_env()
+    warnings.filterwarnings("ignore")
+    from fedllm.accounting import poisson_sample_rate
+
+    q = poisson_sample_rate(EXAMPLES, BATCH)
+    sigma = 1.0
+    total = args.rounds * args.local_steps
+    rows, out = [], {"rounds": args.rounds, "local_steps": args.local_steps, "sample_rate": q, "delta": DELTA}
+
+    for kind in ("prv", "rdp"):
+        merged = [(sigma, q, total)]
+        times, eps = [], 0.0
+        for _ in range(args.repeats):
+            dt, eps = _cold_epsilon(kind, merged)
+            times.append(dt)
+        s = spread(times)
+        out[f"epsilon_merged_{kind}"] = {"seconds": s, "epsilon": eps}
+        rows.append([f"epsilon after {args.rounds} rounds ({kind}, merged history)", fmt(s, 3, " s"), f"eps={eps:.3f}"])
+
+        path_times, fill, spent = [], 0.0, 0.0
+        for _ in range(max(1, args.repeats // 2)):
+            dt, fill, spent = _client_path(kind, args.rounds, args.local_steps, sigma, q)
+            path_times.append(dt)
+        s = spread(path_times)
+        out[f"client_path_{kind}"] = {"seconds": s, "epsilon": spent, "ledger_fill_seconds": fill}
+        rows.append(
+            [f"ClientBudget: read {args.rounds}-row ledger + decide ({kind})", fmt(s, 3, " s"), f"eps={spent:.3f}"]
+        )
+
+    # Distinct consecutive entries (alternating sigma): cost grows with the number of entries.
+    growth: dict[str, list[dict[str, float]]] = {"prv": [], "rdp": []}
+    for kind, sizes in (("prv", (1, 10, 30)), ("rdp", (1, 100, 1000))):
+        for n in sizes:
+            hist = [(sigma + 0.001 * (i % 2), q, args.local_steps) for i in range(n)]
+            dt, eps = _cold_epsilon(kind, hist)
+            growth[kind].append({"entries": n, "seconds": dt, "epsilon": eps})
+            rows.append([f"epsilon, {n} distinct entries ({kind})", f"{dt:.3f} s", f"eps={eps:.3f}"])
+    out["distinct_entries"] = growth
+    out["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+    for kind in ("prv", "rdp"):
+        for label, steps in (
+            ("hospitals schedule, 3 x 20 steps", 3 * 20),
+            (f"{args.rounds} x {args.local_steps} steps", total),
+        ):
+            times, sig = [], 0.0
+            for _ in range(max(1, args.repeats // 2)):
+                dt, sig = _calibrate(kind, q, steps, 8.0)
+                times.append(dt)
+            s = spread(times)
+            out[f"calibrate_{kind}_{steps}"] = {"seconds": s, "sigma": sig}
+            rows.append([f"calibrate_noise eps=8 ({kind}, {label})", fmt(s, 3, " s"), f"sigma={sig:.3f}"])
+
+    print(table(["what", "time median [min-max]", "value"], rows))
+    print(f"\nwrote {write('accounting', out)}")
+
+
+if __name__ == "__main__":
+    main()

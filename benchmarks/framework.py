@@ -1,0 +1,197 @@
+"""Framework overhead: wall time of ``fedllm simulate`` over a bare loop doing the same local training.
+
+The bare loop is what a researcher would write without federation: one process, the same partition, the
+same tokenized data, the same model object, the same DP-SGD mechanism per client (``plan_mechanism``:
+noise calibrated for the schedule), ``train_dp`` for the same number of steps, a FedAvg mean of the
+trainable tensors, and the same central evaluation before training and after every round. Both sides run
+as fresh subprocesses and are timed from launch to exit, alternately (sim, bare, sim, bare ...). What the
+ratio then charges to the framework: Ray start-up and actors, Flower's messages (SecAgg+'s four
+exchanges per round by default), per-process model builds and noise calibration, ledgers, signatures,
+checkpoints, metrics and reports.
+
+Both the wall-time ratio and the ratio of CPU time summed over each run's whole process tree are reported;
+on a shared, overloaded machine the CPU-time ratio is the one that means something (wall time then
+depends on what else runs), on a quiet machine the wall-time ratio is what a user feels.
+
+Target: <= 1.2x for the default scenario (hospitals).
+
+Usage: ``python -m benchmarks.framework [--scenario hospitals] [--rounds N] [--local-steps N]
+[--repeats 2] [--no-secagg] [--bare-threads 1]``
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from benchmarks._common import fmt, quiet_env, spread, table, write
+from benchmarks._proctree import run_tree
+
+
+def _overrides(args: argparse.Namespace) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    if args.rounds:
+        out["rounds"] = args.rounds
+    if args.local_steps:
+        out["training.local_steps"] = args.local_steps
+    return out
+
+
+def bare(args: argparse.Namespace) -> dict[str, float]:
+    """The same work with no federation; returns its own phase times (the wall time is taken outside)."""
+    import numpy as np
+    import torch
+
+    from fedllm.accounting import make_accountant
+    from fedllm.budget import plan_mechanism
+    from fedllm.config import load_config
+    from fedllm.model import build_model, get_trainable, load_tokenizer, pick_device, set_trainable
+    from fedllm.runspec import federation_data
+    from fedllm.training import DPSettings, TokenizedDataset, evaluate, train_dp
+
+    t0 = time.perf_counter()
+    cfg, _ = load_config(args.scenario, _overrides(args))
+    fed = federation_data(cfg)
+    tok = load_tokenizer(cfg.model.name)
+    model = build_model(cfg.model, len(fed.label_names))
+    device = pick_device(cfg.training.device)
+    train = {c.client_id: TokenizedDataset(c.train, tok, cfg.model.max_length) for c in fed.clients}
+    test = TokenizedDataset(fed.central_test, tok, cfg.model.max_length)
+    t = cfg.training
+    plans = {
+        cid: plan_mechanism(
+            cfg.client_privacy(cid),
+            num_examples=len(data),
+            batch_size=t.batch_size,
+            local_steps=t.local_steps,
+            planned_rounds=cfg.client_privacy(cid).planned_rounds or cfg.rounds,
+            source=cid,
+        )
+        for cid, data in train.items()
+    }
+    accountants = {cid: make_accountant(cfg.client_privacy(cid).accountant) for cid in train}
+    setup = time.perf_counter() - t0
+    global_arrays = get_trainable(model)
+    evaluate(model, test, batch_size=t.eval_batch_size, device=device)
+    rng = np.random.default_rng(cfg.seed)
+    train_s = 0.0
+    for _ in range(cfg.rounds):
+        ids = list(train)
+        if cfg.sampled_per_round < len(ids):
+            ids = list(rng.choice(ids, cfg.sampled_per_round, replace=False))
+        updates, weights = [], []
+        for cid in ids:
+            set_trainable(model, global_arrays)
+            m = plans[cid]
+            torch.seed()
+            start = time.perf_counter()
+            train_dp(
+                model,
+                train[cid],
+                steps=m.steps,
+                batch_size=t.batch_size,
+                learning_rate=t.learning_rate,
+                dp=DPSettings(m.noise_multiplier, m.max_grad_norm, cfg.model.mode),
+                accountant=accountants[cid],
+                device=device,
+            )
+            train_s += time.perf_counter() - start
+            updates.append(get_trainable(model))
+            weights.append(len(train[cid]))
+        w = np.asarray(weights, dtype=np.float64) / sum(weights)
+        global_arrays = [sum(wi * u[i] for wi, u in zip(w, updates, strict=True)) for i in range(len(global_arrays))]
+        set_trainable(model, global_arrays)
+        evaluate(model, test, batch_size=t.eval_batch_size, device=device)
+    return {"setup_s": setup, "train_s": train_s, "total_in_process_s": time.perf_counter() - t0}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--scenario", default="hospitals")
+    parser.add_argument("--rounds", type=int)
+    parser.add_argument("--local-steps", type=int)
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--no-secagg", action="store_true")
+    parser.add_argument(
+        "--bare-threads",
+        type=int,
+        default=0,
+        help="torch threads in the bare loop (0: torch's default). Ray gives each simulated client one thread;"
+        " on a loaded machine a 2-thread process loses time to thread synchronisation, so 1 compares like for like",
+    )
+    parser.add_argument("--bare", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    quiet_env()
+    if args.bare:
+        import warnings
+
+        if args.bare_threads:
+            import torch
+
+            torch.set_num_threads(args.bare_threads)
+        warnings.filterwarnings("ignore")
+        print(json.dumps(bare(args)))
+        return
+    common = []
+    if args.rounds:
+        common += ["--rounds", str(args.rounds)]
+    if args.local_steps:
+        common += ["--local-steps", str(args.local_steps)]
+    bare_cmd = [sys.executable, "-m", "benchmarks.framework", "--bare", "--scenario", args.scenario, *common]
+    bare_cmd += ["--bare-threads", str(args.bare_threads)]
+    pairs: list[dict[str, Any]] = []
+    with tempfile.TemporaryDirectory(prefix="fedllm-framework-") as tmp:
+        for rep in range(args.repeats):
+            sim_cmd = [sys.executable, "-m", "fedllm.cli", "simulate", args.scenario, *common, "--quiet"]
+            sim_cmd += ["--out", str(Path(tmp) / f"run{rep}")] + (["--no-secagg"] if args.no_secagg else [])
+            sim = run_tree(sim_cmd, env=dict(os.environ))
+            if sim.returncode != 0:
+                print(sim.output[-3000:], file=sys.stderr)
+                sys.exit(1)
+            metrics = json.loads((Path(tmp) / f"run{rep}" / "metrics.json").read_text())
+            plain = run_tree(bare_cmd, env=dict(os.environ))
+            if plain.returncode != 0:
+                print(plain.output[-3000:], file=sys.stderr)
+                sys.exit(1)
+            phases = json.loads(plain.output.strip().splitlines()[-1])
+            pair = {
+                "sim_wall_s": sim.wall_s,
+                "sim_round_seconds": [r["seconds"] for r in metrics["rounds"]],
+                "sim_peak_pss_mb": sim.peak_pss_mb,
+                "bare_wall_s": plain.wall_s,
+                "bare_phases": phases,
+                "bare_peak_pss_mb": plain.peak_pss_mb,
+                "sim_cpu_s": sim.cpu_s,
+                "bare_cpu_s": plain.cpu_s,
+                "ratio": sim.wall_s / plain.wall_s,
+                "cpu_ratio": sim.cpu_s / plain.cpu_s,
+            }
+            pairs.append(pair)
+            print(json.dumps(pair), flush=True)
+    ratio = spread([p["ratio"] for p in pairs])
+    cpu_ratio = spread([p["cpu_ratio"] for p in pairs])
+    sim_s = spread([p["sim_wall_s"] for p in pairs])
+    bare_s = spread([p["bare_wall_s"] for p in pairs])
+    train_share = spread([p["bare_phases"]["train_s"] / p["bare_wall_s"] for p in pairs])
+    rows = [
+        ["simulate / bare loop, CPU time of the process trees", fmt(cpu_ratio), "<= 1.2x"],
+        ["simulate / bare loop, wall time", fmt(ratio), "<= 1.2x"],
+        ["simulate wall", fmt(sim_s, 1, " s"), ""],
+        ["bare loop wall", fmt(bare_s, 1, " s"), ""],
+        ["share of bare wall in train_dp", fmt(train_share, 2, ""), ""],
+    ]
+    print(table(["what", "median [min-max]", "target"], rows))
+    name = "framework" + ("_no_secagg" if args.no_secagg else "")
+    payload = {"scenario": args.scenario, "overrides": _overrides(args), "secagg": not args.no_secagg}
+    payload.update({"ratio": ratio, "cpu_ratio": cpu_ratio, "pairs": pairs, "bare_threads": args.bare_threads})
+    print(f"\nwrote {write(name, payload)}")
+
+
+if __name__ == "__main__":
+    main()
