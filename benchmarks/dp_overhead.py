@@ -57,15 +57,11 @@ def _model(name: str, mode: str):
     return build_model(ModelConfig(name=name, mode=mode), NUM_LABELS)
 
 
-def _run(model, data, *, dp: bool, mode: str, steps: int, batch: int) -> tuple[float, float]:
-    """(wall seconds, CPU seconds of this process). With one torch thread, CPU time is what the step costs
-    even while other processes take the cores; wall time is what a user waits."""
-    import torch
-
+def train_steps(model, data, *, dp: bool, mode: str, steps: int, batch: int, device) -> None:
+    """The measured work: ``steps`` local steps, DP-SGD (sigma 1, clip 1) or plain, same data and batch."""
     from fedllm.accounting import make_accountant
     from fedllm.training import DPSettings, train_dp, train_plain
 
-    start, cpu = time.perf_counter(), time.process_time()
     if dp:
         train_dp(
             model,
@@ -75,10 +71,19 @@ def _run(model, data, *, dp: bool, mode: str, steps: int, batch: int) -> tuple[f
             learning_rate=1e-4,
             dp=DPSettings(1.0, 1.0, mode),
             accountant=make_accountant("prv"),
-            device=torch.device("cpu"),
+            device=device,
         )
     else:
-        train_plain(model, data, steps=steps, batch_size=batch, learning_rate=1e-4, device=torch.device("cpu"))
+        train_plain(model, data, steps=steps, batch_size=batch, learning_rate=1e-4, device=device)
+
+
+def _run(model, data, *, dp: bool, mode: str, steps: int, batch: int) -> tuple[float, float]:
+    """(wall seconds, CPU seconds of this process). With one torch thread, CPU time is what the step costs
+    even while other processes take the cores; wall time is what a user waits."""
+    import torch
+
+    start, cpu = time.perf_counter(), time.process_time()
+    train_steps(model, data, dp=dp, mode=mode, steps=steps, batch=batch, device=torch.device("cpu"))
     return time.perf_counter() - start, time.process_time() - cpu
 
 

@@ -49,25 +49,12 @@ def _timed(model, data, *, dp: bool, mode: str, steps: int, batch: int, device) 
     """(seconds, peak GB) of one call, synchronised on both ends."""
     import torch
 
-    from fedllm.accounting import make_accountant
-    from fedllm.training import DPSettings, train_dp, train_plain
+    from benchmarks.dp_overhead import train_steps
 
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     start = time.perf_counter()
-    if dp:
-        train_dp(
-            model,
-            data,
-            steps=steps,
-            batch_size=batch,
-            learning_rate=1e-4,
-            dp=DPSettings(1.0, 1.0, mode),
-            accountant=make_accountant("prv"),
-            device=device,
-        )
-    else:
-        train_plain(model, data, steps=steps, batch_size=batch, learning_rate=1e-4, device=device)
+    train_steps(model, data, dp=dp, mode=mode, steps=steps, batch=batch, device=device)
     torch.cuda.synchronize()
     return time.perf_counter() - start, torch.cuda.max_memory_allocated() / 2**30
 
