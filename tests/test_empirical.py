@@ -173,7 +173,7 @@ batch_size = 16
 learning_rate = 5e-3
 
 [privacy]
-epsilon = 1.0
+epsilon = 0.25  # small: a noise-free run clears it by a wide margin (29 of 40 right suffice; seen 34-40)
 delta = 1e-5
 
 [secure_aggregation]
@@ -222,7 +222,7 @@ def test_with_dp_the_bound_stays_below_the_reported_epsilon(tmp_path, capsys):
     out = _simulate(tmp_path)
     result = load_result(out)
     assert result is not None and result.dp and result.theoretical_epsilon is not None
-    assert 0 < result.theoretical_epsilon <= 1.0
+    assert 0 < result.theoretical_epsilon <= 0.25
     assert result.lower_bound <= result.theoretical_epsilon, result.describe()
     assert main(["audit", str(out)]) == 0
     assert "empirical audit" in capsys.readouterr().out
@@ -247,7 +247,7 @@ def test_missing_noise_is_caught_although_the_ledger_looks_right(tmp_path, capsy
     assert done.returncode == 0, done.stderr[-3000:]
     result = load_result(out)
     assert result is not None and result.theoretical_epsilon is not None
-    assert result.theoretical_epsilon <= 1.0  # the accountant still reports the planned spend
+    assert result.theoretical_epsilon <= 0.25  # the accountant still reports the planned spend
     assert result.violation and result.lower_bound > result.theoretical_epsilon, result.describe()
 
     capsys.readouterr()
