@@ -24,6 +24,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+import psutil
 import tomli_w
 
 from fedllm.certs import ConsortiumPaths
@@ -96,13 +97,6 @@ def require_file(path: Path, flag: str) -> Path:
 
 def stop_tree(proc: subprocess.Popen[Any]) -> None:
     """Stop a process and every descendant, by PID: SIGTERM, then SIGKILL after a grace period."""
-    try:
-        import psutil
-    except ImportError:  # pragma: no cover - psutil comes with flwr[simulation]
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGTERM)
-        proc.wait()
-        return
     try:
         root = psutil.Process(proc.pid)
         tree = [*root.children(recursive=True), root]

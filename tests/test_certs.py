@@ -350,10 +350,11 @@ def test_example_profiles_match_their_deployment(tmp_path, monkeypatch, scenario
     """The shipped profiles validate once `fedllm certs consortium` ran, read their data and agree with the run."""
     import shutil
 
-    from fedllm.paths import PROJECT_ROOT, shared_data_dir
+    from fedllm.paths import PROJECT_ROOT, shared_data_dir, shared_dir
 
     if not shared_data_dir().is_dir():
         pytest.skip(f"shared data not found at {shared_data_dir()} (set FEDLLM_SHARED)")
+    monkeypatch.setenv("FEDLLM_SHARED", str(shared_dir()))  # the profiles name it; plain pytest uses the default
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
     profiles = tmp_path / "clients" / "profiles"
     shutil.copytree(PROJECT_ROOT / "clients" / "profiles", profiles)
