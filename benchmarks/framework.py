@@ -65,15 +65,7 @@ def bare(args: argparse.Namespace) -> dict[str, float]:
     test = TokenizedDataset(fed.central_test, tok, cfg.model.max_length)
     t = cfg.training
     plans = {
-        cid: plan_mechanism(
-            cfg.client_privacy(cid),
-            num_examples=len(data),
-            batch_size=t.batch_size,
-            local_steps=t.local_steps,
-            planned_rounds=cfg.client_privacy(cid).planned_rounds or cfg.rounds,
-            source=cid,
-        )
-        for cid, data in train.items()
+        cid: plan_mechanism(cfg.client_settings(cid), num_examples=len(data), source=cid) for cid, data in train.items()
     }
     accountants = {cid: make_accountant(cfg.client_privacy(cid).accountant) for cid in train}
     setup = time.perf_counter() - t0
@@ -97,7 +89,7 @@ def bare(args: argparse.Namespace) -> dict[str, float]:
                 steps=m.steps,
                 batch_size=t.batch_size,
                 learning_rate=t.learning_rate,
-                dp=DPSettings(m.noise_multiplier, m.max_grad_norm, cfg.model.mode),
+                dp=DPSettings(m.noise_multiplier, m.max_grad_norm, cfg.model.mode, m.sample_rate),
                 accountant=accountants[cid],
                 device=device,
             )

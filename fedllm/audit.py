@@ -14,6 +14,11 @@ coordinator wrote. See ``docs/audit.md`` for what this can and cannot detect.
 Every finding is one line that starts with the kind of problem (``epsilon edited``, ``row deleted``,
 ``rows reordered``, ``signature from another key``, ``budget raised``, ``budget exceeded``,
 ``epsilon mismatch``, ``empirical privacy violation``, ...) and names the ledger, row and client.
+
+Three verdicts, because "nothing wrong was found" is not "everything was checked": ``clean`` (exit 0),
+``violations`` (any finding, exit 1) and ``unverified`` (no finding, but some client the run lists did not
+hand over its own ledger and key, exit 3). A coordinator that withholds the client ledgers can make its own
+ledger say anything self-consistent (cut rounds included), so such a run is never called clean.
 """
 
 from __future__ import annotations
@@ -53,12 +58,17 @@ MECHANISM_EDITED = "mechanism edited"
 SIGNATURE_OTHER_KEY = "signature from another key"
 SIGNATURE_INVALID = "signature invalid"
 SIGNATURE_MISSING = "signature missing"
-NO_TRUSTED_KEY = "no trusted key"
 BUDGET_RAISED = "budget raised"
 BUDGET_CHANGED = "budget changed"
 BUDGET_EXCEEDED = "budget exceeded"
 SETTINGS_CHANGED = "settings changed"
 CONFIG_EDITED = "config edited"
+
+# Verdicts, and the exit status of ``fedllm audit`` for each (2 is the CLI's usage/input error).
+CLEAN = "clean"
+VIOLATIONS = "violations"
+UNVERIFIED = "unverified"
+EXIT_STATUS = {CLEAN: 0, VIOLATIONS: 1, UNVERIFIED: 3}
 
 
 # ---------------------------------------------------------------------------------------------- results
@@ -72,9 +82,12 @@ class ClientAudit:
     private: bool
     accountant: str
     rounds_trained: int
-    reported_epsilon: float | None  # the run's claim: the epsilon of the client's last trained row
-    recomputed_epsilon: float | None  # same rows, the run's accountant
-    dp_accounting_epsilon: float | None  # same rows, Google dp-accounting PLD
+    # The client's spend as recorded: its own ledger's last row of the run where that ledger is there (it
+    # holds rounds a cut coordinator ledger lacks), else the coordinator ledger's last trained row; never
+    # the lower of the two.
+    reported_epsilon: float | None
+    recomputed_epsilon: float | None  # the same spend, the run's accountant
+    dp_accounting_epsilon: float | None  # the same spend, Google dp-accounting PLD
     budget: float | None
     delta: float | None
     ok: bool
@@ -90,15 +103,35 @@ class AuditResult:
     clients: list[ClientAudit] = field(default_factory=list)
     findings: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    unverified: list[str] = field(default_factory=list)  # clients whose own ledger or key was not handed over
+    gaps: list[str] = field(default_factory=list)  # one line per missing piece: which client, which file
+    flagged: list[str] = field(default_factory=list)  # clients some finding concerns
+
+    @property
+    def status(self) -> str:
+        """``violations`` when anything was found; else ``unverified`` when a client's records are missing."""
+        if self.findings:
+            return VIOLATIONS
+        return UNVERIFIED if self.unverified else CLEAN
 
     @property
     def ok(self) -> bool:
-        return not self.findings
+        """Clean: no finding and nothing left unchecked."""
+        return self.status == CLEAN
+
+    @property
+    def exit_status(self) -> int:
+        return EXIT_STATUS[self.status]
 
     def verdict(self) -> str:
-        if self.ok:
-            return "clean: every check passed"
-        return f"{len(self.findings)} finding(s): " + "; ".join(sorted({f.split(":", 1)[0] for f in self.findings}))
+        withheld = f"no own ledger or no key from client(s) {', '.join(self.unverified)}"
+        if self.findings:
+            kinds = "; ".join(sorted({f.split(":", 1)[0] for f in self.findings}))
+            also = f" (also unverified: {withheld})" if self.unverified else ""
+            return f"{len(self.findings)} finding(s): {kinds}{also}"
+        if self.unverified:
+            return f"unverified: {withheld}; the coordinator's record of them could not be checked"
+        return "clean: every check passed"
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready (JSON has no infinity: infinite epsilons and budgets become ``null``)."""
@@ -106,6 +139,7 @@ class AuditResult:
             "run_dir": str(self.run_dir),
             "run_ids": self.run_ids,
             "ok": self.ok,
+            "status": self.status,
             "verdict": self.verdict(),
             "private": self.private,
             "accountant": self.accountant,
@@ -114,6 +148,8 @@ class AuditResult:
             "clients": [{k: _json_num(v) for k, v in asdict(c).items()} for c in self.clients],
             "findings": list(self.findings),
             "notes": list(self.notes),
+            "unverified": list(self.unverified),
+            "gaps": list(self.gaps),
         }
 
 
@@ -336,15 +372,15 @@ def _fields_changed(e: LedgerEntry, own: list[LedgerEntry] | None) -> list[str]:
     return [name for name in _COMPARED if getattr(mine, name) != getattr(e, name)]
 
 
-def _check_signatures(view: _ClientView, edited: set[int], key_path: Path, out: _Findings) -> set[int]:
-    """Every coordinator row of a client must be signed by the key the client gave the auditor."""
+def _check_signatures(view: _ClientView, edited: set[int], out: _Findings) -> set[int]:
+    """Every coordinator row of a client must be signed by the key the client gave the auditor.
+
+    Without that key nothing can be checked: the signed rows are returned as unproven (the client is then
+    "unverified", see :func:`_gaps`), which is not evidence that they were altered.
+    """
     bad: set[int] = set()
-    signed = [e for e in view.coord if e.signature or e.signer]
     if view.trusted_key is None:
-        if signed:
-            out.add(NO_TRUSTED_KEY, f"client {view.client} signs its rows but {key_path} is missing", view.client)
-            bad.update(e.seq for e in signed)
-        return bad
+        return {e.seq for e in view.coord if e.signature or e.signer}
     trusted_fp = fingerprint(view.trusted_key)
     for e in view.coord:
         if not e.signature:
@@ -394,7 +430,10 @@ def _cross_check(view: _ClientView, out: _Findings) -> set[int]:
 
     Rows are paired per (run, round) in order, so a round legitimately trained twice (a coordinator that
     crashed after filing it and redid it on resume) pairs with the client's two rows rather than being
-    called a duplicate.
+    called a duplicate. Every trained or refused round in the client's ledger must be in the coordinator's:
+    this is what catches a coordinator ledger whose last round(s) were cut and whose chain was rebuilt, which
+    no check of that ledger alone can see. (A reservation without an outcome, or one that failed, may
+    honestly have no coordinator row: the client never answered. It is counted in the spend, not flagged.)
     """
     differ: set[int] = set()
     if view.own is None:
@@ -406,7 +445,7 @@ def _cross_check(view: _ClientView, out: _Findings) -> set[int]:
             out.add(
                 ROW_DELETED,
                 f"coordinator ledger lacks client {view.client}'s trained round {key[1]}"
-                f" (present in the client's own ledger, seq {c.seq})",
+                f" (present in the client's own ledger, seq {c.seq}, epsilon {_fmt(c.epsilon)})",
                 view.client,
             )
         for e in coord_rows[len(own_rows) :]:
@@ -440,20 +479,31 @@ def _cross_check(view: _ClientView, out: _Findings) -> set[int]:
                     e.client_id,
                 )
                 differ.add(e.seq)
+    mine, theirs = _by_key(view.own, "refused"), _by_key(view.coord, "refused")
+    for key, own_rows in sorted(mine.items()):
+        for c in own_rows[len(theirs.get(key, [])) :]:
+            out.add(
+                ROW_DELETED,
+                f"coordinator ledger lacks client {view.client}'s refused round {key[1]}"
+                f" (present in the client's own ledger, seq {c.seq})",
+                view.client,
+            )
     order = [e.round for e in view.coord if e.status == "trained"]
     if order != sorted(order):
         out.add(ROWS_REORDERED, f"client {view.client}'s trained rounds appear in the order {order}", view.client)
     return differ
 
 
-def _spend_sequence(view: _ClientView) -> tuple[list[Mechanism], dict[int, int], int]:
+def _spend_sequence(view: _ClientView) -> tuple[list[Mechanism], dict[int, int], int, int]:
     """The client's spend in the order it happened, and for each coordinator row how much of it preceded it.
 
     Without a client ledger this is simply the coordinator's trained rows. With one, it follows the
     client's own reservations (its budget counts every reservation, including rounds that then failed and
     earlier runs on the same node), taking each trained round's mechanism from the coordinator's row, so
-    that the coordinator's numbers are what is being checked. Returns (mechanisms, {coordinator row seq:
-    number of mechanisms its epsilon covers}, number of spends that never trained: failed or unfinished).
+    that the coordinator's numbers are what is being checked; a round the coordinator's ledger lacks keeps
+    the client's own mechanism. Returns (mechanisms, {coordinator row seq: number of mechanisms its epsilon
+    covers}, number of spends that never trained: failed or unfinished, number of mechanisms up to the
+    client's own last row of this run: 0 without a client ledger).
     """
     if view.own_all is None:
         mechanisms: list[Mechanism] = []
@@ -462,9 +512,10 @@ def _spend_sequence(view: _ClientView) -> tuple[list[Mechanism], dict[int, int],
             if e.status == "trained":
                 mechanisms.append(e.mechanism)
             upto[e.seq] = len(mechanisms)
-        return mechanisms, upto, 0
+        return mechanisms, upto, 0, 0
     trained, refused = _by_key(view.coord, "trained"), _by_key(view.coord, "refused")
-    mechanisms, upto, extra = [], {}, 0
+    mechanisms, upto, extra, own_upto = [], {}, 0, 0
+    this_run = {c.seq for c in view.own or []}
     open_reservation: dict[tuple[str, int], int] = {}  # (run, round) -> index of its reservation
     for c in view.own_all:
         key = (c.run_id, c.round)
@@ -484,13 +535,15 @@ def _spend_sequence(view: _ClientView) -> tuple[list[Mechanism], dict[int, int],
             extra += 1
         elif c.status == "refused" and refused.get(key):
             upto[refused[key].pop(0).seq] = len(mechanisms)
+        if c.seq in this_run:
+            own_upto = len(mechanisms)
     extra += len(open_reservation)
     for e in view.coord:  # rows the client never reserved (flagged by the cross-check) still get a number
         if e.seq not in upto:
             if e.status == "trained":
                 mechanisms.append(e.mechanism)
             upto[e.seq] = len(mechanisms)
-    return mechanisms, upto, extra
+    return mechanisms, upto, extra, own_upto
 
 
 def _audit_client(
@@ -503,7 +556,12 @@ def _audit_client(
 ) -> ClientAudit:
     cid = view.client
     trained = [e for e in view.coord if e.status == "trained"]
-    rows = view.coord or (view.own or [])
+    rows = view.coord or view.own or view.own_all or []
+    if not rows:  # a client ledger with no row of this client: it spent nothing that could be checked
+        private = cfg[0] if cfg is not None else True
+        kind = (cfg[1] if cfg is not None else "-") if private else NON_PRIVATE
+        budget = cfg[2].get(cid, (None, None))[0] if cfg is not None and private else None
+        return ClientAudit(cid, private, kind, 0, None, None, None, budget, None, True)
     accountants = sorted({e.accountant for e in rows})
     deltas = sorted({e.delta for e in rows})
     delta = deltas[0] if deltas else None
@@ -555,20 +613,17 @@ def _audit_client(
     budget = min(candidates) if candidates else None  # the strictest statement of the budget is the one held to
 
     # --- epsilon, row by row, with the run's accountant.
-    mechanisms, upto, extra = _spend_sequence(view)
+    mechanisms, upto, extra, own_upto = _spend_sequence(view)
     if extra:
         notes.append(
             f"client {cid}: {extra} reserved spend(s) with no trained row in the coordinator ledger (failed rounds"
             " or earlier runs on this node) are counted, as the client's own budget counts them"
         )
     kind = accountants[0]
-    recomputed_final: float | None = None
     for e in view.coord:
         if e.status not in ("trained", "refused"):
             continue
         expected = run_accountant_epsilon(kind, mechanisms[: upto[e.seq]], e.delta)
-        if e.status == "trained" and e is trained[-1]:
-            recomputed_final = expected
         if not _rel_close(e.epsilon, expected, SAME_ACCOUNTANT_RTOL):
             why = " (row altered: hash, signature or client ledger disagree)" if e.seq in tainted else ""
             out.add(
@@ -577,10 +632,19 @@ def _audit_client(
                 f" over the rows up to it gives {_fmt(expected, 6)}{why}",
                 cid,
             )
-    reported = trained[-1].epsilon if trained else None
-    if recomputed_final is None:
-        recomputed_final = 0.0 if not trained else None
-    covered = mechanisms[: upto[trained[-1].seq]] if trained else []
+    # --- the spend the audit reports: the coordinator's last trained row, or the client's own last row of this
+    # run where that records more (rounds a cut coordinator ledger lacks, a reservation it never saw finish).
+    claimed = trained[-1].epsilon if trained else None
+    own_last = view.own[-1] if view.own else None
+    recorded = own_last.epsilon if own_last is not None else None
+    reported = max((x for x in (claimed, recorded) if x is not None), default=None)
+    if claimed is not None and reported is not None and not _rel_close(reported, claimed, SAME_ACCOUNTANT_RTOL):
+        notes.append(
+            f"client {cid}: its own ledger records epsilon {_fmt(reported)} for this run, the coordinator ledger's"
+            f" last trained row {_fmt(claimed)}; the audit reports the client's"
+        )
+    covered = mechanisms[: max(upto[trained[-1].seq] if trained else 0, own_upto)]
+    recomputed_final = run_accountant_epsilon(kind, covered, delta) if covered and delta else 0.0
     independent = independent_epsilon(covered, delta) if covered and delta else 0.0
     if reported is not None and independent > 0:
         diff = abs(reported - independent)
@@ -613,7 +677,7 @@ def _audit_client(
         client=cid,
         private=True,
         accountant=kind,
-        rounds_trained=len(trained),
+        rounds_trained=max(len(trained), sum(1 for c in view.own or [] if c.status == "trained")),
         reported_epsilon=reported,
         recomputed_epsilon=recomputed_final,
         dp_accounting_epsilon=independent,
@@ -699,9 +763,14 @@ def audit(run_dir: Path, tolerance: float = DEFAULT_TOLERANCE) -> AuditResult:
     configured = list(cfg[2]) if cfg else []
     first_seen = {c: i for i, c in enumerate(ids)}
     ids.sort(key=lambda c: (configured.index(c) if c in configured else len(configured), first_seen[c]))
+    gaps: dict[str, list[str]] = {}  # client -> what it did not hand over: the run is then unverified
     for cid in configured:
         if cid not in ids:
-            notes.append(f"client {cid} (config.toml) has no rows in any ledger: never sampled, or left out")
+            what = f"client {cid} (config.toml) has no rows in any ledger and no own ledger at {clients_dir / cid}"
+            if cfg and cfg[0]:  # a private run: only its own ledger can say it never trained
+                gaps.setdefault(cid, []).append(f"{what}: never sampled, or left out")
+            else:
+                notes.append(f"{what}: never sampled, or left out")
 
     views: list[_ClientView] = []
     for cid in ids:
@@ -721,15 +790,16 @@ def audit(run_dir: Path, tolerance: float = DEFAULT_TOLERANCE) -> AuditResult:
 
     clients: list[ClientAudit] = []
     for view in views:
-        key_path = public_path(clients_dir / view.client / "node_key")
-        bad_sig = _check_signatures(view, edited, key_path, out)
-        if view.trusted_key is None and not any(e.signature for e in view.coord) and view.coord:
-            notes.append(f"client {view.client}: rows are unsigned and there is no trusted key; signatures not checked")
+        bad_sig = _check_signatures(view, edited, out)
         differ = _cross_check(view, out)
-        if view.own is None and view.coord and view.coord[0].accountant != NON_PRIVATE:
-            notes.append(f"client {view.client}: no own ledger at {clients_dir / view.client}; not cross-checked")
         tainted = edited | bad_sig | differ
-        clients.append(_audit_client(view, cfg, tolerance, tainted, out, notes))
+        audited = _audit_client(view, cfg, tolerance, tainted, out, notes)
+        clients.append(audited)
+        missing = _gaps(view, audited.private, clients_dir / view.client)
+        if missing:
+            gaps.setdefault(view.client, []).extend(missing)
+        elif view.trusted_key is None and view.coord:
+            notes.append(f"client {view.client}: non-private, rows unsigned and no trusted key; signatures not checked")
     _metrics_cross_check(run_dir, coord, out)
     _empirical_check(run_dir, out, notes)
 
@@ -737,7 +807,8 @@ def audit(run_dir: Path, tolerance: float = DEFAULT_TOLERANCE) -> AuditResult:
     if clients and not private:
         notes.append("non-private run (accountant 'none'): epsilon is infinite; no epsilon to recompute")
     accountants = sorted({c.accountant for c in clients}) or ([cfg[1]] if cfg else [])
-    final = [ClientAudit(**{**asdict(c), "ok": c.client not in out.bad_clients}) for c in clients]
+    unproven = out.bad_clients | set(gaps)
+    final = [ClientAudit(**{**asdict(c), "ok": c.client not in unproven}) for c in clients]
     return AuditResult(
         run_dir=run_dir,
         run_ids=run_ids,
@@ -747,7 +818,34 @@ def audit(run_dir: Path, tolerance: float = DEFAULT_TOLERANCE) -> AuditResult:
         clients=final,
         findings=out.lines,
         notes=notes,
+        unverified=list(gaps),
+        gaps=[line for lines in gaps.values() for line in lines],
+        flagged=sorted(out.bad_clients),
     )
+
+
+def _gaps(view: _ClientView, private: bool, folder: Path) -> list[str]:
+    """What a client did not hand over that its audit needs; each missing piece makes the run unverified.
+
+    A private client's spend can only be checked against its own ledger: without it, a coordinator that cut
+    rounds from its ledger (and rebuilt the chain) shows a smaller, self-consistent spend. Its rows can only
+    be checked against the key it registered: without it, any signature passes as well as none. A
+    non-private client has no spend to check; it needs its key only if its rows are signed (older runs, made
+    before signing existed, have neither).
+    """
+    lines = []
+    if private and view.own_all is None:
+        lines.append(
+            f"client {view.client}: no own ledger at {folder / 'ledger.sqlite'}; its spend rests on the"
+            " coordinator's ledger alone, whose cut rounds would not show"
+        )
+    signed = sum(1 for e in view.coord if e.signature or e.signer)
+    if view.trusted_key is None and (private or signed):
+        lines.append(
+            f"client {view.client}: no trusted key at {public_path(folder / 'node_key')}; its {signed} signed"
+            " row(s) in the coordinator ledger cannot be checked"
+        )
+    return lines
 
 
 # ---------------------------------------------------------------------------------------------- output
@@ -759,6 +857,7 @@ def print_audit(result: AuditResult, console: Any = None) -> None:
     from rich.table import Table
 
     console = console or Console()
+    unverified = set(result.unverified) - set(result.flagged)
     title = f"Privacy audit of {result.run_dir}" + ("" if result.private else " (NON-PRIVATE run)")
     table = Table(title=title)
     for col in (
@@ -781,7 +880,7 @@ def print_audit(result: AuditResult, console: Any = None) -> None:
             _fmt(c.dp_accounting_epsilon),
             _fmt(c.budget, 2),
             f"{c.delta:g}" if c.delta is not None else "-",
-            "[green]yes[/]" if c.ok else "[red]NO[/]",
+            "[green]yes[/]" if c.ok else ("[yellow]unverified[/]" if c.client in unverified else "[red]NO[/]"),
         )
     console.print(table)
     console.print(
@@ -792,7 +891,9 @@ def print_audit(result: AuditResult, console: Any = None) -> None:
         console.print(f"note: {note}", highlight=False, markup=False)
     for finding in result.findings:
         console.print(f"FINDING: {finding}", style="red", highlight=False, markup=False)
-    style = "bold green" if result.ok else "bold red"
+    for gap in result.gaps:
+        console.print(f"UNVERIFIED: {gap}", style="yellow", highlight=False, markup=False)
+    style = {CLEAN: "bold green", UNVERIFIED: "bold yellow"}.get(result.status, "bold red")
     console.print(f"verdict: {result.verdict()}", style=style, highlight=False, markup=False)
 
 
@@ -828,7 +929,8 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
-    """0 when the audit is clean, 1 on any finding."""
+    """0 when the audit is clean, 1 on any finding, 3 when nothing was found but a client's ledger or key is
+    missing (``EXIT_STATUS``): a script that only tests for 0 never mistakes an unchecked run for a clean one."""
     if getattr(args, "empirical", False):
         from fedllm.empirical import audit_run
 
@@ -838,7 +940,7 @@ def run(args: argparse.Namespace) -> int:
         print(json.dumps(result.to_dict(), indent=2, allow_nan=False))
     else:
         print_audit(result)
-    return 0 if result.ok else 1
+    return result.exit_status
 
 
 def findings_of_kind(result: AuditResult, kinds: Iterable[str]) -> list[str]:

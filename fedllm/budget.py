@@ -14,12 +14,11 @@ from functools import lru_cache
 
 from fedllm.accounting import (
     Mechanism,
-    calibrate_noise,
+    cached_calibration,
     epsilon_of_mechanisms,
     history_of,
-    poisson_sample_rate,
 )
-from fedllm.config import PrivacyConfig
+from fedllm.config import ClientSettings, PrivacyConfig
 from fedllm.errors import ConfigError
 from fedllm.ledger import Ledger, make_entry
 
@@ -28,7 +27,8 @@ STATE_KEY = "fedllm.privacy"
 
 @lru_cache(maxsize=256)
 def _calibrated(target_epsilon: float, delta: float, sample_rate: float, total_steps: int, accountant: str) -> float:
-    return calibrate_noise(
+    """Once per process from memory, once per machine from the disk cache (every Ray actor would recalibrate)."""
+    return cached_calibration(
         target_epsilon=target_epsilon,
         delta=delta,
         sample_rate=sample_rate,
@@ -37,23 +37,35 @@ def _calibrated(target_epsilon: float, delta: float, sample_rate: float, total_s
     )
 
 
-def plan_mechanism(
-    privacy: PrivacyConfig, *, num_examples: int, batch_size: int, local_steps: int, planned_rounds: int, source: str
-) -> Mechanism:
+def planned_sample_rate(declared_examples: int, batch_size: int) -> float:
+    """The Poisson rate a client samples at: its expected batch over its *declared* (public) size.
+
+    Fixed before any data is read, so the rate, and with it the noise, the epsilon and every record of
+    them, cannot reveal the true number of rows; the loader draws at exactly this rate.
+    """
+    return min(1.0, batch_size / declared_examples)
+
+
+def plan_mechanism(settings: ClientSettings, *, num_examples: int, source: str) -> Mechanism:
     """The mechanism of one round, with noise calibrated once for the whole planned schedule.
 
-    ``delta`` must be below 1/n: a delta that large admits mechanisms that publish an example outright.
+    ``num_examples`` (the private count) stands in for the declared size only where none is declared
+    (simulation: the coordinator made the partition). ``delta`` must be below 1/n: a delta that large
+    admits mechanisms that publish an example outright.
     """
-    if privacy.delta >= 1.0 / num_examples:
+    declared = settings.declared_examples or num_examples
+    if settings.delta >= 1.0 / declared:
         raise ConfigError(
-            f"{source}: delta: {privacy.delta:g} must be < 1/n = 1/{num_examples} for a client with"
-            f" {num_examples} training examples"
+            f"{source}: delta: {settings.delta:g} must be < 1/n = 1/{declared} for a client with"
+            f" {declared} {'declared ' if settings.declared_examples else ''}training examples"
         )
-    q = poisson_sample_rate(num_examples, batch_size)
-    sigma = privacy.noise_multiplier or _calibrated(
-        privacy.epsilon, privacy.delta, q, planned_rounds * local_steps, privacy.accountant
+    q = planned_sample_rate(declared, settings.batch_size)
+    sigma = settings.noise_multiplier or _calibrated(
+        settings.epsilon, settings.delta, q, settings.planned_rounds * settings.local_steps, settings.accountant
     )
-    return Mechanism(noise_multiplier=sigma, sample_rate=q, steps=local_steps, max_grad_norm=privacy.max_grad_norm)
+    return Mechanism(
+        noise_multiplier=sigma, sample_rate=q, steps=settings.local_steps, max_grad_norm=settings.max_grad_norm
+    )
 
 
 def _mechanisms_from_json(text: str) -> list[Mechanism]:
@@ -74,7 +86,7 @@ class ClientBudget:
         self,
         ledger: Ledger,
         client_id: str,
-        privacy: PrivacyConfig,
+        privacy: ClientSettings | PrivacyConfig,
         node_state: MutableMapping[str, str] | None = None,
     ):
         self.ledger = ledger

@@ -64,7 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--epsilon", type=_positive_float("--epsilon"), help="every client's epsilon budget")
     sim.add_argument("--delta", type=_positive_float("--delta"), help="every client's delta")
     sim.add_argument("--model", help="minilm (default), tiny-bert, or a local checkpoint path / hub id")
-    sim.add_argument("--mode", choices=("lora", "last-layers", "full"))
+    sim.add_argument("--mode", choices=("lora", "last-layers", "full", "head"))
     sim.add_argument("--data", help="built-in name (medmcqa, banking77, medical-abstracts, synthetic) or a path")
     sim.add_argument("--text-column")
     sim.add_argument("--label-column")
@@ -72,6 +72,13 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--alpha", type=_positive_float("--alpha"))
     sim.add_argument("--local-steps", type=_positive_int("--local-steps"))
     sim.add_argument("--device", help="auto (default), cpu, cuda, cuda:N")
+    sim.add_argument(
+        "--ray-address", help="join a running Ray cluster (host:port of its head, or auto); never stopped by fedllm"
+    )
+    sim.add_argument("--num-cpus", type=_positive_float("--num-cpus"), help="CPUs Ray reserves per client (default 1)")
+    sim.add_argument(
+        "--num-gpus", type=float, help="GPUs (or a fraction) per client (default 0: clients never touch a GPU)"
+    )
     sim.add_argument("--out", type=Path, help="output directory (default: runs/<scenario>-<time>)")
     sim.add_argument("--no-dp", action="store_true", help="non-private baseline (epsilon = infinity)")
     sim.add_argument(
@@ -80,12 +87,17 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--resume", type=Path, metavar="DIR", help="continue the run in DIR from its last completed round")
     sim.add_argument("--quiet", action="store_true", help="no progress bar or table")
     sim.add_argument("--verbose", action="store_true", help="Flower and Ray logs")
-    from fedllm import audit, certs, deploy, report
+    from fedllm import audit, certs, compare, deploy, report
 
     audit.register(sub)
+    compare.register(sub)
     report.register(sub)
     certs.register(sub)
     deploy.register(sub)
+    from fedllm import export, predict
+
+    export.register(sub)
+    predict.register(sub)
     return parser
 
 
@@ -104,6 +116,9 @@ def overrides_from(args: argparse.Namespace) -> dict[str, Any]:
         "data.alpha": args.alpha,
         "training.local_steps": args.local_steps,
         "training.device": args.device,
+        "simulation.ray_address": args.ray_address,
+        "simulation.num_cpus": args.num_cpus,
+        "simulation.num_gpus": args.num_gpus,
         "privacy.epsilon": args.epsilon,
     }
     out = {k: v for k, v in flags.items() if v is not None}
@@ -145,15 +160,8 @@ def preflight(spec) -> None:
         if len(split.train) == 0:
             raise ConfigError(f"client '{split.client_id}': no training examples after partitioning")
         if cfg.privacy.enabled:
-            privacy = cfg.client_privacy(split.client_id)
-            plan_mechanism(
-                privacy,
-                num_examples=len(split.train),
-                batch_size=cfg.training.batch_size,
-                local_steps=cfg.training.local_steps,
-                planned_rounds=privacy.planned_rounds or cfg.rounds,
-                source=f"client '{split.client_id}'",
-            )
+            settings = cfg.client_settings(split.client_id)
+            plan_mechanism(settings, num_examples=len(split.train), source=f"client '{split.client_id}'")
 
 
 def resume_spec(args: argparse.Namespace):

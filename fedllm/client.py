@@ -3,15 +3,15 @@
 The order inside :meth:`FedClient.fit` is the privacy argument. The budget is checked against the
 client's own ledger before anything touches the data; the round's spend is written (and fsync'd) before
 training starts, so a crash can only over-count; the epsilon sent back is read from the accountant Opacus
-advanced step by step, and must equal the projection the check approved.
+advanced step by step, and must equal the projection the check approved. Every setting that decides the
+spend or what leaves the node is a :class:`~fedllm.config.ClientSettings`: the scenario's in simulation,
+the node profile's in deployment (a run asking for anything else is refused before data is read).
 """
 
 from __future__ import annotations
 
 import logging
 import math
-import os
-import time
 from collections.abc import Iterator, MutableMapping
 from dataclasses import dataclass, replace
 from functools import lru_cache, partial
@@ -22,13 +22,15 @@ import torch
 from flwr.app import ConfigRecord, Context
 from flwr.client import NumPyClient
 
+from fedllm import faults
 from fedllm.accounting import NO_RELEASE, Mechanism, history_of, make_accountant
 from fedllm.budget import ClientBudget, plan_mechanism
-from fedllm.config import FederationConfig, ModelConfig, config_hash
+from fedllm.config import ClientSettings, FederationConfig, ModelConfig, config_hash
 from fedllm.data import ClientSplit
 from fedllm.errors import ConfigError
+from fedllm.features import FeatureDataset, node_dataset
 from fedllm.ledger import Ledger, entry_to_metrics, make_entry
-from fedllm.model import arrays_hash, build_model, get_trainable, load_tokenizer, pick_device, set_trainable
+from fedllm.model import arrays_hash, build_model, get_trainable, pick_device, set_trainable
 from fedllm.profile import NODE_CONFIG_KEY as PROFILE_KEY
 from fedllm.profile import load_profile
 from fedllm.runspec import RunSpec, federation_data
@@ -40,6 +42,9 @@ log = logging.getLogger("fedllm.client")
 
 # Statuses a client reports for a round; the coordinator adds "dropped" for clients that never answered.
 TRAINED, REFUSED = "trained", "refused"
+# Node-state keys: the model a round's training started from (federated evaluation may score only that
+# one, once), and the last round evaluated.
+ROUND_MODEL_KEY, EVALUATED_KEY = "fedllm.round-model", "fedllm.evaluated-round"
 
 
 class NodeState(MutableMapping[str, str]):
@@ -71,12 +76,13 @@ class NodeState(MutableMapping[str, str]):
 
 @dataclass
 class NodeAssets:
-    """What a node prepares once and reuses every round: tokenized data and the model object."""
+    """What a node prepares once and reuses every round: tokenized data (or, in head mode, the frozen
+    encoder's features of it) and the model object."""
 
     split: ClientSplit
     num_labels: int
-    train: TokenizedDataset
-    test: TokenizedDataset
+    train: TokenizedDataset | FeatureDataset
+    test: TokenizedDataset | FeatureDataset
 
 
 @lru_cache(maxsize=1)
@@ -95,13 +101,13 @@ def _assets(config: FederationConfig, client_id: str) -> NodeAssets:
 
 
 def assets_for(config: FederationConfig, split: ClientSplit, num_labels: int) -> NodeAssets:
-    """Tokenize one client's split once: simulation partitions the data, a deployed node reads its own file."""
-    tokenizer = load_tokenizer(config.model.name)
+    """Tokenize (or embed) one client's split once: simulation partitions the data, a deployed node reads its
+    own file. Head-mode features are computed on the node and cached there (``fedllm/features.py``)."""
     return NodeAssets(
         split=split,
         num_labels=num_labels,
-        train=TokenizedDataset(split.train, tokenizer, config.model.max_length),
-        test=TokenizedDataset(split.test, tokenizer, config.model.max_length),
+        train=node_dataset(config.model, split.train),
+        test=node_dataset(config.model, split.test),
     )
 
 
@@ -116,12 +122,14 @@ class FedClient(NumPyClient):
         run_id: str,
         assets: NodeAssets | None = None,
         signing_key: Path | None = None,
+        settings: ClientSettings | None = None,
     ):
         self.config = config
         # In deployment the node key the consortium registered also signs this client's ledger rows.
         self.signing_key = signing_key or state_dir / "node_key"
         self.client_id = client_id
-        self.privacy = config.client_privacy(client_id)
+        # A deployed node passes its profile's settings (already checked equal to the run's).
+        self.privacy = settings or config.client_settings(client_id)
         self.state_dir = state_dir
         self.node_state = node_state
         self.run_id = run_id
@@ -136,16 +144,17 @@ class FedClient(NumPyClient):
         set_trainable(model, parameters)
         return model
 
+    def _physical_batch(self) -> int | None:
+        """Virtual steps bound memory where the encoder runs; head mode trains on small feature vectors."""
+        return None if self.config.model.mode == "head" else self.config.training.max_physical_batch
+
     def _mechanism(self) -> Mechanism:
-        t = self.config.training
-        return plan_mechanism(
-            self.privacy,
-            num_examples=len(self.assets.train),
-            batch_size=t.batch_size,
-            local_steps=t.local_steps,
-            planned_rounds=self.privacy.planned_rounds or self.config.rounds,
-            source=f"client '{self.client_id}'",
-        )
+        return plan_mechanism(self.privacy, num_examples=len(self.assets.train), source=f"client '{self.client_id}'")
+
+    @property
+    def weight(self) -> int:
+        """This client's FedAvg weight: its declared (public) size, never its true count where one is declared."""
+        return self.privacy.declared_examples or len(self.assets.train)
 
     def _report(
         self, server_round: int, status: str, mechanism: Mechanism, epsilon: float, update: list[np.ndarray] | None
@@ -155,7 +164,7 @@ class FedClient(NumPyClient):
         The signature covers the mechanism, epsilon and budget, so neither the coordinator nor anyone
         after it can alter what this client says it spent without the audit noticing.
         """
-        dp = self.config.privacy.enabled
+        dp = self.privacy.enabled
         entry = make_entry(
             run_id=self.run_id,
             round=server_round,
@@ -178,14 +187,15 @@ class FedClient(NumPyClient):
     ) -> tuple[list[np.ndarray], int, dict]:
         """The reply to a training request: the trained tensors in clear, or a delta ready for masking."""
         masking = Masking.from_config(config)
+        metrics["device"] = str(self.device)  # where it trained (not data-dependent): shown in the run's table
         if masking is None:
-            return update, len(self.assets.train), metrics
-        delta, weight = encode_update(update, received, len(self.assets.train), masking)
+            return update, self.weight, metrics
+        delta, weight = encode_update(update, received, self.weight, masking)
         return delta, weight, metrics
 
     def _opt_in_metrics(self, metrics: dict) -> dict:
         """Per-client training loss leaves the node only where the scenario opts in: it describes local data."""
-        return metrics if self.config.share_client_metrics else {}
+        return metrics if self.privacy.share_client_metrics else {}
 
     @staticmethod
     def _outgoing_nothing(received: list[np.ndarray], config: dict) -> list[np.ndarray]:
@@ -196,7 +206,8 @@ class FedClient(NumPyClient):
 
     def fit(self, parameters: list[np.ndarray], config: dict) -> tuple[list[np.ndarray], int, dict]:
         server_round = int(config.get("server-round", 0))
-        if not self.config.privacy.enabled:
+        self.node_state[ROUND_MODEL_KEY] = f"{server_round}:{arrays_hash(parameters)}"
+        if not self.privacy.enabled:
             return self._fit_plain(parameters, server_round, config)
         with Ledger(self.state_dir / "ledger.sqlite") as ledger:
             budget = ClientBudget(ledger, self.client_id, self.privacy, self.node_state)
@@ -225,28 +236,33 @@ class FedClient(NumPyClient):
             history_before = budget.history()
             # Write-ahead: the spend is on disk before a single example is read.
             record(status="reserved", mechanism=mechanism, epsilon=decision.epsilon_after)
-            _maybe_vanish(self.client_id, server_round)
-            accountant = make_accountant(self.privacy.accountant, history_before)
-            model = self._model_with(parameters)
-            try:
+            try:  # from here on, whatever fails leaves a "failed" row; the reserved spend stays counted
+                faults.maybe_vanish_or_stall(self.client_id, server_round)
+                accountant = make_accountant(self.privacy.accountant, history_before)
+                model = self._model_with(parameters)
                 torch.seed()  # fresh, unpredictable noise and sampling: the model build reseeded the RNG
                 result = train_dp(
                     model,
                     self.assets.train,
                     steps=mechanism.steps,
-                    batch_size=self.config.training.batch_size,
+                    batch_size=self.privacy.batch_size,
                     learning_rate=self.config.training.learning_rate,
-                    dp=DPSettings(mechanism.noise_multiplier, mechanism.max_grad_norm, self.config.model.mode),
+                    dp=DPSettings(
+                        mechanism.noise_multiplier,
+                        mechanism.max_grad_norm,
+                        self.config.model.mode,
+                        mechanism.sample_rate,
+                    ),
                     accountant=accountant,
                     device=self.device,
+                    max_physical_batch=self._physical_batch(),
+                    optimizer=self.config.training.optimizer,
                 )
+                if accountant.history != history_of(budget.spent) or result.sample_rate != mechanism.sample_rate:
+                    raise RuntimeError("the mechanism that ran differs from the one reserved; refusing to report")
             except BaseException:
                 record(status="failed", mechanism=mechanism, epsilon=decision.epsilon_after)
                 raise
-            if accountant.history != history_of(budget.spent) or not math.isclose(
-                result.sample_rate, mechanism.sample_rate
-            ):
-                raise RuntimeError("the mechanism that ran differs from the one reserved; refusing to report")
             epsilon = budget.epsilon()
             record(status=TRAINED, mechanism=mechanism, epsilon=epsilon)
         update = get_trainable(model)
@@ -262,10 +278,11 @@ class FedClient(NumPyClient):
         result = train_plain(
             model,
             self.assets.train,
-            steps=self.config.training.local_steps,
-            batch_size=self.config.training.batch_size,
+            steps=self.privacy.local_steps,
+            batch_size=self.privacy.batch_size,
             learning_rate=self.config.training.learning_rate,
             device=self.device,
+            optimizer=self.config.training.optimizer,
         )
         mechanism = Mechanism(0.0, result.sample_rate, result.steps, math.inf)
         update = get_trainable(model)
@@ -274,34 +291,30 @@ class FedClient(NumPyClient):
         return self._send(update, parameters, config, metrics)
 
     def evaluate(self, parameters: list[np.ndarray], config: dict) -> tuple[float, int, dict]:
-        """Local test split; runs only when the scenario opts in to federated evaluation."""
+        """Accuracy on the node's held-out test split, for the one model this round trained from, once.
+
+        The test split is not covered by DP-SGD (it never trains), so an answer discloses something about
+        those rows: the node answers only where its settings opt in (``federated_evaluation``), only for the
+        model its training in this round started from (hash check: a coordinator cannot probe it with
+        models of its choosing) and at most once per round. The weight is 1, not the test split's size.
+        """
+        if not self.privacy.federated_evaluation:
+            raise PermissionError(f"client {self.client_id}: federated evaluation is off on this node; not answering")
+        server_round = int(config.get("server-round", -1))
+        expected = self.node_state.get(ROUND_MODEL_KEY, "")
+        if expected != f"{server_round}:{arrays_hash(parameters)}":
+            raise PermissionError(
+                f"client {self.client_id}: evaluation refused: round {server_round}'s model is not the one this"
+                " node trained from in that round"
+            )
+        if self.node_state.get(EVALUATED_KEY) == str(server_round):
+            raise PermissionError(f"client {self.client_id}: evaluation refused: round {server_round} already answered")
+        self.node_state[EVALUATED_KEY] = str(server_round)
         model = self._model_with(parameters)
         loss, accuracy = evaluate(
             model, self.assets.test, batch_size=self.config.training.eval_batch_size, device=self.device
         )
-        return float(loss), len(self.assets.test), {"accuracy": accuracy, "client-id": self.client_id}
-
-
-FAULT_ENV = "FEDLLM_FAULT_VANISH"
-STALL_ENV = "FEDLLM_FAULT_STALL"
-
-
-def _fault_armed(env: str, client_id: str, server_round: int) -> bool:
-    return os.environ.get(env) == f"{client_id}:{server_round}"
-
-
-def _maybe_vanish(client_id: str, server_round: int) -> None:
-    """Fault injection for reliability tests, fired after the spend is reserved and before training.
-
-    ``FEDLLM_FAULT_VANISH="id:round"`` aborts this client's round: no reply reaches the coordinator, so to
-    it the client has vanished. (An ``os._exit`` would be closer to a power cut, but in simulation it would
-    also kill the shared Ray worker that serves other clients.) ``FEDLLM_FAULT_STALL="id:round"`` hangs the
-    round instead, so a test can kill the coordinator at a known point mid-round.
-    """
-    if _fault_armed(FAULT_ENV, client_id, server_round):
-        raise ConnectionAbortedError(f"fault injection: client {client_id} vanished in round {server_round}")
-    if _fault_armed(STALL_ENV, client_id, server_round):
-        time.sleep(3600)
+        return float(loss), 1, {"accuracy": accuracy, "client-id": self.client_id}
 
 
 def client_for(spec: RunSpec, context: Context) -> FedClient:
@@ -311,6 +324,7 @@ def client_for(spec: RunSpec, context: Context) -> FedClient:
     """
     if PROFILE_KEY in context.node_config:
         return client_for_profile(spec, context)
+    faults.refuse_if_set("simulation")
     from fedllm.empirical import client_assets
 
     partition = int(context.node_config["partition-id"])
@@ -328,25 +342,21 @@ def client_for(spec: RunSpec, context: Context) -> FedClient:
 def client_for_profile(spec: RunSpec, context: Context) -> FedClient:
     """Deployment: the node's own profile, not the submitted run config, says who it is and what it may spend.
 
-    The run config comes from whoever submitted the run; the profile is the institution's. So client id,
-    data file, budget (epsilon, delta, planned rounds), state directory and signing key are the profile's,
-    and the run's entry for this client is overwritten with them before anything is planned or checked.
+    The run config comes from whoever submitted the run; the profile is the institution's. Client id, data
+    file, state directory, signing key and every privacy setting are the profile's, and a run that asks for
+    any other privacy setting is refused here, before the node's data is read or any spend is planned.
     """
+    faults.refuse_if_set("a deployed node")
     profile = load_profile(str(context.node_config[PROFILE_KEY]))
-    config = profile.apply_to(spec.config)
-    if config is not spec.config:
-        log.warning(
-            "client %s: the run's settings for this client differ from its profile %s; the profile's are enforced",
-            profile.id,
-            profile.source,
-        )
-    split = profile.load_split(config)
+    profile.check_run(spec.config)
+    split = profile.load_split(spec.config)
     return FedClient(
-        config=config,
+        config=spec.config,
         client_id=profile.id,
         state_dir=profile.state_dir,
         node_state=NodeState(context),
         run_id=spec.run_id or str(context.run_id),
-        assets=assets_for(config, split, len(config.data.labels or ())),
+        assets=assets_for(spec.config, split, len(spec.config.data.labels or ())),
         signing_key=profile.node_key,
+        settings=profile.settings,
     )

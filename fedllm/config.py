@@ -25,65 +25,86 @@ from fedllm.paths import PROJECT_ROOT
 
 SCENARIO_DIR = PROJECT_ROOT / "simulations"
 DEFAULT_SCENARIO = "hospitals"
-MODES = ("lora", "last-layers", "full")
-ACCOUNTANTS = ("prv", "rdp")
+MODES = ("lora", "last-layers", "full", "head")
+ACCOUNTANTS = ("prv", "rdp", "pld")
 
 
 @dataclass(frozen=True)
 class ModelConfig:
     """Which BERT-family checkpoint and which of its tensors are trained (and therefore travel)."""
 
-    name: str = "minilm"
-    mode: str = "lora"
-    max_length: int = 64
-    lora_r: int = 8
-    lora_alpha: int = 16
-    last_layers: int = 1
-    seed: int = 0
+    name: str = "minilm"  # minilm, tiny-bert, or a local checkpoint directory (BERT-family encoder)
+    mode: str = "lora"  # which tensors train and travel: LoRA+head, last layers+head, all, or head only
+    max_length: int = 64  # tokens per text; longer texts are truncated (>= 8)
+    lora_r: int = 8  # LoRA rank (>= 1)
+    lora_alpha: int = 16  # LoRA scaling numerator (the update is scaled by lora_alpha / lora_r)
+    lora_targets: tuple[str, ...] | None = None  # LoRA's target modules; unset: the family's query/value
+    last_layers: int = 1  # last-layers mode: how many of the last encoder blocks train (>= 1)
+    head_hidden: int = 0  # head mode: 0 = a linear head on the frozen features, else one hidden ReLU layer
+    seed: int = 0  # the head's (and LoRA's) initial weights, identical on every node
 
 
 @dataclass(frozen=True)
 class TrainingConfig:
     """Local work per round. ``batch_size`` is the *expected* Poisson batch size under DP."""
 
-    local_steps: int = 20
-    batch_size: int = 32
-    learning_rate: float = 5e-3
-    eval_batch_size: int = 64
-    device: str = "auto"
+    local_steps: int = 20  # DP-SGD steps each client takes per round (>= 1)
+    batch_size: int = 32  # expected (Poisson) batch size; the sampling rate is batch_size / examples
+    learning_rate: float = 5e-3  # AdamW learning rate (> 0)
+    eval_batch_size: int = 64  # batch size for evaluation only (no privacy effect)
+    # Virtual steps: a Poisson batch larger than this is cut into chunks (summed, then one noisy step), so a
+    # large logical batch runs at bounded memory. Head mode trains on feature vectors and never needs it.
+    max_physical_batch: int = 64
+    optimizer: str = "adamw"  # or "sgd" (momentum 0.9); see fedllm/training.py
+    device: str = "auto"  # where training runs: CUDA when present (auto), or forced; a missing GPU is an error
 
 
 @dataclass(frozen=True)
 class PrivacyConfig:
     """Sample-level DP-SGD settings; per-client values in ``[[clients]]`` override these defaults."""
 
-    enabled: bool = True
-    epsilon: float = 8.0
-    delta: float = 1e-5
-    max_grad_norm: float = 1.0
-    accountant: str = "prv"
-    noise_multiplier: float | None = None
-    planned_rounds: int | None = None
+    enabled: bool = True  # false: the labelled non-private baseline (epsilon = infinity)
+    epsilon: float = 8.0  # each client's total budget over all its runs (> 0)
+    delta: float = 1e-5  # each client's delta; must be below 1 / its training examples
+    max_grad_norm: float = 1.0  # per-example gradient clipping norm C (> 0)
+    accountant: str = "prv"  # how the spent epsilon is computed (docs/privacy.md)
+    noise_multiplier: float | None = None  # fixed sigma; unset: calibrated so the plan spends epsilon
+    planned_rounds: int | None = None  # rounds the noise is calibrated for; unset: rounds
 
 
 @dataclass(frozen=True)
 class ClientConfig:
-    """One institution. Unset privacy fields fall back to ``[privacy]``; ``data`` is its own file, if any."""
+    """One institution. Unset fields fall back to ``[privacy]`` / ``[training]``; ``data`` is its own file.
 
-    id: str
-    epsilon: float | None = None
-    delta: float | None = None
-    noise_multiplier: float | None = None
-    planned_rounds: int | None = None
-    data: str | None = None
+    ``declared_examples`` is the public size a client's Poisson rate is fixed from (rate = batch_size /
+    declared_examples): a deployed node declares it in its profile, so neither the rate, the noise, the
+    epsilon nor the FedAvg weight moves with its true, private number of rows. Unset (simulation, where
+    the coordinator made the partition), the client's actual count stands in.
+    """
+
+    id: str  # the client's unique name (its ledger, key and node)
+    epsilon: float | None = None  # this client's budget; unset: privacy.epsilon
+    delta: float | None = None  # this client's delta; unset: privacy.delta
+    noise_multiplier: float | None = None  # this client's fixed sigma; unset: privacy.noise_multiplier
+    planned_rounds: int | None = None  # rounds this client calibrates for; unset: privacy.planned_rounds
+    local_steps: int | None = None  # this client's steps per round; unset: training.local_steps
+    batch_size: int | None = None  # this client's expected batch size; unset: training.batch_size
+    declared_examples: int | None = None  # public size the sampling rate is fixed from; unset: actual count
+    data: str | None = None  # not read by simulate; a deployed node names its file in its profile
 
 
 @dataclass(frozen=True)
 class SimulationConfig:
-    """Resources Flower's Ray backend reserves for each simulated client."""
+    """Resources Flower's Ray backend reserves for each simulated client, and which Ray cluster runs them.
 
-    num_cpus: float = 1.0
-    num_gpus: float = 0.0
+    A client trains on a GPU only when ``num_gpus`` > 0 reserves (a fraction of) one. ``ray_address``
+    (``host:port`` of a running head, or ``auto``) joins that cluster; unset, the simulation starts a
+    private Ray instance on this machine and stops it afterwards. A cluster it joined is never stopped.
+    """
+
+    num_cpus: float = 1.0  # CPUs Ray reserves per simulated client (> 0)
+    num_gpus: float = 0.0  # GPUs (or a fraction) per simulated client; 0: clients train on CPU
+    ray_address: str | None = None  # host:port or auto: join a running Ray cluster; unset: a private one
 
 
 @dataclass(frozen=True)
@@ -97,14 +118,15 @@ class SecureAggregationConfig:
     the grid fine. The modulus 2**46 leaves room for 65,536 clients per round.
     """
 
-    enabled: bool = True
-    clipping_range: float = 1.0
-    max_weight: int | None = None
-    quantization_range: int = 2**30
-    modulus_range: int = 2**46
+    enabled: bool = True  # mask updates with SecAgg+ (needs >= 2 clients per round)
+    clipping_range: float = 1.0  # each value of an update delta is clipped to +/- this before quantizing
+    max_weight: int | None = None  # largest example count a client weighs in with; unset: largest client
+    quantization_range: int = 2**30  # quantization steps over the clipping range, in [2, 2**31)
+    modulus_range: int = 2**46  # masking modulus: a power of 2 above quantization_range
     share_fraction: float = 1.0  # each client's secrets are shared with this fraction of the round's clients
     reconstruction_fraction: float = 0.6  # shares needed to unmask: more survive dropouts, fewer resist collusion
     timeout: float = 600.0  # seconds per protocol stage; late clients count as dropped
+    min_peers: int = 1  # a client sends its masked update only if this many others shared keys with it
 
 
 @dataclass(frozen=True)
@@ -117,25 +139,76 @@ class EmpiricalAuditConfig:
     ``confidence``. An audited run trains on extra rows, so it is a test run, not the production one.
     """
 
-    enabled: bool = False
+    enabled: bool = False  # run the one-run empirical audit (adds canaries: a test run, not production)
     client: str | None = None  # default: the first client
-    canaries: int = 200
-    adversary: str = "black-box"
-    guesses: int | None = None
-    guess_fraction: float = 0.2
-    in_share: float = 0.5
-    confidence: float = 0.95
+    canaries: int = 200  # m random-label canary sentences, each included by a secret coin (>= 2)
+    adversary: str = "black-box"  # the attack that scores canaries (only the final model is used)
+    guesses: int | None = None  # k canaries the adversary guesses on; unset: guess_fraction x m
+    guess_fraction: float = 0.2  # share of canaries guessed when guesses is unset, in (0, 1]
+    in_share: float = 0.5  # share of the guesses that say in (the rest say out), in [0, 1]
+    confidence: float = 0.95  # confidence of the epsilon lower bound, in (0, 1)
     seed: int = 0  # the canary texts and labels (public); the coins come from the OS, never from here
 
 
 @dataclass(frozen=True)
+class ClientSettings:
+    """One client's effective settings that touch privacy or leave its node: the set a node profile pins.
+
+    In simulation they come from the scenario (a client's ``[[clients]]`` entry over the federation
+    defaults). A deployed node takes them from its own profile and refuses a run that asks for any other
+    value (:meth:`mismatches`), so whoever submits a run cannot change what a node spends or discloses.
+    """
+
+    enabled: bool
+    epsilon: float
+    delta: float
+    accountant: str
+    max_grad_norm: float
+    noise_multiplier: float | None
+    planned_rounds: int
+    local_steps: int
+    batch_size: int
+    declared_examples: int | None
+    share_client_metrics: bool
+    federated_evaluation: bool
+    require_secure_aggregation: bool
+    min_secagg_peers: int
+
+    # Where each setting sits in a run config, for refusals that name the key.
+    RUN_CONFIG_KEYS: typing.ClassVar[dict[str, str]] = {
+        "enabled": "privacy.enabled",
+        "epsilon": "privacy.epsilon",
+        "delta": "privacy.delta",
+        "accountant": "privacy.accountant",
+        "max_grad_norm": "privacy.max_grad_norm",
+        "noise_multiplier": "privacy.noise_multiplier",
+        "planned_rounds": "privacy.planned_rounds",
+        "local_steps": "training.local_steps",
+        "batch_size": "training.batch_size",
+        "declared_examples": "clients.declared_examples",
+        "share_client_metrics": "share_client_metrics",
+        "federated_evaluation": "federated_evaluation",
+        "require_secure_aggregation": "secure_aggregation.enabled",
+        "min_secagg_peers": "secure_aggregation.min_peers",
+    }
+
+    def mismatches(self, requested: ClientSettings) -> list[tuple[str, Any, Any]]:
+        """(run-config key, this side's value, the requested value) for every setting that differs."""
+        return [
+            (self.RUN_CONFIG_KEYS[f.name], getattr(self, f.name), getattr(requested, f.name))
+            for f in fields(self)
+            if getattr(self, f.name) != getattr(requested, f.name)
+        ]
+
+
+@dataclass(frozen=True)
 class FederationConfig:
-    name: str = DEFAULT_SCENARIO
-    rounds: int = 3
-    num_clients: int = 3
-    clients_per_round: int | None = None
-    min_clients: int = 1
-    seed: int = 0
+    name: str = DEFAULT_SCENARIO  # the scenario's name: labels the run, its reports and default output folder
+    rounds: int = 3  # federated rounds to run (>= 1)
+    num_clients: int = 3  # clients in the federation; unlisted ones get ids client-0, client-1, ...
+    clients_per_round: int | None = None  # clients sampled each round (1..num_clients); unset: all
+    min_clients: int = 1  # fewest updates a round aggregates; fewer and the run stops early
+    seed: int = 0  # data partition and held-out splits (model weights use model.seed; DP noise never)
     federated_evaluation: bool = False  # clients also report accuracy on their own test split (in clear)
     share_client_metrics: bool = False  # clients also report their local training loss (in clear)
     max_update_norm: float | None = None  # coordinator rejects updates that move the model further (L2)
@@ -171,6 +244,26 @@ class FederationConfig:
             if getattr(c, k) is not None
         }
         return replace(self.privacy, **overrides)
+
+    def client_settings(self, client_id: str) -> ClientSettings:
+        """Everything this run asks of one client that touches privacy or leaves its node."""
+        c, p = self.client(client_id), self.client_privacy(client_id)
+        return ClientSettings(
+            enabled=p.enabled,
+            epsilon=p.epsilon,
+            delta=p.delta,
+            accountant=p.accountant,
+            max_grad_norm=p.max_grad_norm,
+            noise_multiplier=p.noise_multiplier,
+            planned_rounds=p.planned_rounds or self.rounds,
+            local_steps=c.local_steps or self.training.local_steps,
+            batch_size=c.batch_size or self.training.batch_size,
+            declared_examples=c.declared_examples,
+            share_client_metrics=self.share_client_metrics,
+            federated_evaluation=self.federated_evaluation,
+            require_secure_aggregation=self.secure_aggregation.enabled,
+            min_secagg_peers=self.secure_aggregation.min_peers,
+        )
 
     @property
     def planned_rounds_default(self) -> int:
@@ -350,10 +443,21 @@ def validate(cfg: FederationConfig, source: str = "config") -> None:
     _check(m.mode in MODES, source, "model.mode", f"must be one of {', '.join(MODES)}", m.mode)
     _check(m.max_length >= 8, source, "model.max_length", "must be >= 8", m.max_length)
     _check(m.lora_r >= 1, source, "model.lora_r", "must be >= 1", m.lora_r)
+    if m.lora_targets is not None:
+        _check(
+            bool(m.lora_targets) and all(t.strip() for t in m.lora_targets),
+            source,
+            "model.lora_targets",
+            "must name at least one module, none empty",
+            m.lora_targets,
+        )
     _check(m.last_layers >= 1, source, "model.last_layers", "must be >= 1", m.last_layers)
+    _check(m.head_hidden >= 0, source, "model.head_hidden", "must be >= 0", m.head_hidden)
     _check(t.local_steps >= 1, source, "training.local_steps", "must be >= 1", t.local_steps)
     _check(t.batch_size >= 1, source, "training.batch_size", "must be >= 1", t.batch_size)
     _check(t.learning_rate > 0, source, "training.learning_rate", "must be > 0", t.learning_rate)
+    _check(t.optimizer in ("adamw", "sgd"), source, "training.optimizer", "must be adamw or sgd", t.optimizer)
+    _check(t.max_physical_batch >= 1, source, "training.max_physical_batch", "must be >= 1", t.max_physical_batch)
     _check(t.eval_batch_size >= 1, source, "training.eval_batch_size", "must be >= 1", t.eval_batch_size)
     _check(
         t.device == "auto" or t.device == "cpu" or t.device.startswith("cuda"),
@@ -375,6 +479,13 @@ def validate(cfg: FederationConfig, source: str = "config") -> None:
         _check(cfg.max_update_norm > 0, source, "max_update_norm", "must be > 0", cfg.max_update_norm)
     _check(cfg.simulation.num_cpus > 0, source, "simulation.num_cpus", "must be > 0", cfg.simulation.num_cpus)
     _check(cfg.simulation.num_gpus >= 0, source, "simulation.num_gpus", "must be >= 0", cfg.simulation.num_gpus)
+    _check(
+        cfg.simulation.ray_address is None or bool(cfg.simulation.ray_address.strip()),
+        source,
+        "simulation.ray_address",
+        "must be host:port or auto",
+        cfg.simulation.ray_address,
+    )
     _validate_secure_aggregation(cfg, source)
     _validate_empirical_audit(cfg, source)
     seen: set[str] = set()
@@ -383,6 +494,10 @@ def validate(cfg: FederationConfig, source: str = "config") -> None:
         _check(c.id not in seen, source, f"clients[{i}].id", "duplicate client id", c.id)
         seen.add(c.id)
         _validate_privacy_values(c, source, f"clients[{i}].")
+        for name in ("local_steps", "batch_size", "declared_examples"):
+            value = getattr(c, name)
+            if value is not None:
+                _check(value >= 1, source, f"clients[{i}].{name}", "must be >= 1", value)
 
 
 def _validate_secure_aggregation(cfg: FederationConfig, source: str) -> None:
@@ -431,6 +546,7 @@ def _validate_secure_aggregation(cfg: FederationConfig, source: str) -> None:
         s.reconstruction_fraction,
     )
     _check(s.timeout > 0, source, f"{p}timeout", "must be > 0", s.timeout)
+    _check(s.min_peers >= 1, source, f"{p}min_peers", "must be >= 1 (a sum needs two updates)", s.min_peers)
 
 
 def _validate_empirical_audit(cfg: FederationConfig, source: str) -> None:

@@ -15,23 +15,25 @@ from flwr.app import Context
 from flwr.server import LegacyContext, ServerConfig
 from flwr.server.workflow import DefaultWorkflow
 from flwr.serverapp import Grid
+from torch.utils.data import Dataset
 
 from fedllm import checkpoint
 from fedllm import metrics as run_metrics
 from fedllm.config import FederationConfig, config_hash, to_toml
 from fedllm.data import FederatedData
+from fedllm.features import node_dataset
 from fedllm.ledger import Ledger
 from fedllm.metrics import RoundRecord, RunMetrics
-from fedllm.model import build_model, get_trainable, load_tokenizer, pick_device, set_trainable
+from fedllm.model import build_model, get_trainable, pick_device, set_trainable
 from fedllm.runspec import RunSpec, federation_data
 from fedllm.secure_aggregation import Masking, fit_workflow
 from fedllm.strategy import BudgetAwareFedAvg
-from fedllm.training import TokenizedDataset, evaluate
+from fedllm.training import evaluate
 
 log = logging.getLogger("fedllm.server")
 
 
-def _central_evaluator(spec: RunSpec, model, test: TokenizedDataset) -> Callable[[list[np.ndarray]], tuple]:
+def _central_evaluator(spec: RunSpec, model, test: Dataset) -> Callable[[list[np.ndarray]], tuple]:
     device = pick_device(spec.config.training.device)
 
     def run(arrays: list[np.ndarray]) -> tuple[float, float]:
@@ -62,7 +64,7 @@ def run_federation(
     started = time.monotonic()
     fed = federation_data(cfg)
     model = build_model(cfg.model, len(fed.label_names))
-    test = TokenizedDataset(fed.central_test, load_tokenizer(cfg.model.name), cfg.model.max_length)
+    test = node_dataset(cfg.model, fed.central_test)  # tokens, or in head mode features computed once
     digest = config_hash(cfg)
     if spec.resume:
         ckpt = checkpoint.load(spec.out_dir)
@@ -81,8 +83,11 @@ def run_federation(
         )
         initial, done = get_trainable(model), 0
 
+    names = tuple(name for name, p in model.named_parameters() if p.requires_grad)  # what `fedllm export` maps
+
     def save_checkpoint(round_: int, arrays: list[np.ndarray]) -> None:
-        checkpoint.save(spec.out_dir, checkpoint.Checkpoint(round_, metrics.run_id, digest, arrays))
+        ckpt = checkpoint.Checkpoint(round_, metrics.run_id, digest, arrays, names=names, labels=fed.label_names)
+        checkpoint.save(spec.out_dir, ckpt)
 
     masking = _masking(cfg, fed)
     with Ledger(spec.ledger_path) as ledger:

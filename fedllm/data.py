@@ -68,18 +68,18 @@ _SYNTHETIC_FILLER = tuple(
 class DataConfig:
     """Where the federation's text comes from and how it is split; see the module docstring for sources."""
 
-    source: str = "medmcqa"
-    text_column: str = "text"
-    label_column: str = "label"
-    labels: tuple[str, ...] | None = None
-    keep_labels: tuple[str, ...] | None = None
-    partition: str = "dirichlet"
-    alpha: float = 0.5
-    test_fraction: float = 0.2
-    central_test_fraction: float = 0.1
-    max_examples: int | None = None
-    max_central_test: int | None = 500
-    min_partition_size: int = 10
+    source: str = "medmcqa"  # where the text comes from (see Data sources below)
+    text_column: str = "text"  # the column holding the text
+    label_column: str = "label"  # the column holding the label
+    labels: tuple[str, ...] | None = None  # the fixed label list, in logit order; unset: labels found, sorted
+    keep_labels: tuple[str, ...] | None = None  # keep only rows with these labels; unset: all
+    partition: str = "dirichlet"  # how rows are split among clients: iid, label-skewed, or one file each
+    alpha: float = 0.5  # Dirichlet concentration: smaller is more skewed (dirichlet only)
+    test_fraction: float = 0.2  # share of each client's rows kept as its local test split
+    central_test_fraction: float = 0.1  # share held out for the coordinator's test set if none is given
+    max_examples: int | None = None  # cap on training rows before partitioning (quick runs); unset: all
+    max_central_test: int | None = 500  # cap on the central test set; unset: no cap
+    min_partition_size: int = 10  # dirichlet: fewest rows each client must get
     central_test: str | None = None  # with source = "nodes": the coordinator's own test file, if it has one
 
 
@@ -540,7 +540,29 @@ def _directory(folder: Path, cfg: DataConfig) -> _Source:
     return _Source(pool=pool, central=central, files=tuple(str(p) for p in client_files))
 
 
-def _huggingface(dataset_id: str, cfg: DataConfig) -> _Source:
+HF_OPTIONS = ("subset", "split", "test_split", "revision")
+
+
+def _hf_options(spec: str) -> tuple[str, dict[str, str]]:
+    """``<id>?subset=..&split=..&test_split=..&revision=..`` -> (id, options); an unknown option is an error."""
+    dataset_id, _, query = spec.partition("?")
+    options: dict[str, str] = {}
+    for part in filter(None, query.split("&")):
+        key, eq, value = part.partition("=")
+        if key not in HF_OPTIONS or not eq or not value:
+            raise ConfigError(
+                f"data.source: 'hf:{spec}': bad option '{part}' (options: {', '.join(f'{o}=...' for o in HF_OPTIONS)},"
+                " joined by '&')"
+            )
+        options[key] = value
+    return dataset_id, options
+
+
+def _huggingface(spec: str, cfg: DataConfig) -> _Source:
+    """``hf:<id>[?options]``: ``subset`` (the configuration), ``split`` to train on (default ``train``),
+    ``test_split`` for the central test set (default ``test`` if present; ``none`` holds one out) and
+    ``revision`` (pin it: the hub's data can change under a run)."""
+    dataset_id, options = _hf_options(spec)
     where = f"hf:{dataset_id}"
     if not dataset_id:
         raise ConfigError("data.source: 'hf:' needs a data set id after the colon, e.g. 'hf:ag_news'")
@@ -548,7 +570,7 @@ def _huggingface(dataset_id: str, cfg: DataConfig) -> _Source:
         import datasets
 
         datasets.disable_progress_bars()
-        splits = datasets.load_dataset(dataset_id)
+        splits = datasets.load_dataset(dataset_id, name=options.get("subset"), revision=options.get("revision"))
     except Exception as exc:  # the hub raises many types (connection, not found, auth); all mean "can't"
         raise DataError(
             where,
@@ -556,12 +578,16 @@ def _huggingface(dataset_id: str, cfg: DataConfig) -> _Source:
             f"offline: save the data as a {_suffix_list()} file and set data.source to its path",
         ) from None
     names = list(splits)
-    train_name = "train" if "train" in splits else (names[0] if len(names) == 1 else None)
+    train_name = options.get("split") or ("train" if "train" in splits else (names[0] if len(names) == 1 else None))
     if train_name is None:
-        raise DataError(where, f"no 'train' split; splits present: {', '.join(names)}")
+        raise DataError(where, f"no 'train' split; splits present: {', '.join(names)} (choose one with ?split=)")
+    test_name = options.get("test_split", "test" if "test" in splits else "none")
+    for option, name in (("split", train_name), ("test_split", test_name)):
+        if name not in splits and not (option == "test_split" and name == "none"):
+            raise DataError(where, f"{option}={name}: no such split; splits present: {', '.join(names)}")
     central = None
-    if "test" in splits and train_name != "test":
-        central = _hf_records(splits["test"], f"{where}/test", cfg)
+    if test_name != "none" and test_name != train_name:
+        central = _hf_records(splits[test_name], f"{where}/{test_name}", cfg)
     return _Source(pool=_hf_records(splits[train_name], f"{where}/{train_name}", cfg), central=central)
 
 

@@ -4,14 +4,17 @@ Each command starts one of Flower's processes (``flower-superlink``, ``flower-su
 the consortium's credentials and stays in the foreground until it ends or is stopped; on SIGINT/SIGTERM it
 stops the whole process tree it started, by PID. TLS and SuperNode authentication are on unless
 ``--insecure`` is given, which is never implied and always warned about. Apps never install dependencies at
-run time (``FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION=1``): every node runs the code it already has.
+run time (``FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION=1``), and a node never runs the app bundle a run
+brings: ``fedllm client`` answers every message with the node's installed fedllm (:mod:`fedllm.node`).
 """
 
 from __future__ import annotations
 
 import argparse
 import ipaddress
+import logging
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -22,14 +25,18 @@ import time
 from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import psutil
 import tomli_w
 
+from fedllm import faults
 from fedllm.certs import ConsortiumPaths
 from fedllm.errors import ConfigError, FedllmError
 from fedllm.paths import PROJECT_ROOT
+
+if TYPE_CHECKING:
+    from fedllm.node import NodeRunner
 
 CONNECTION = "fedllm"  # the connection name written into each FLWR_HOME/config.toml
 INSECURE_WARNING = (
@@ -122,8 +129,17 @@ class _Stop(Exception):
     """Raised from the signal handler so that a blocking wait unwinds into the cleanup."""
 
 
-def supervise(cmd: list[str], env: dict[str, str], after_start: Callable[[subprocess.Popen[Any]], None] | None) -> int:
-    """Run ``cmd`` in the foreground; SIGINT/SIGTERM stop it and its children cleanly and return 0."""
+def supervise(
+    cmd: list[str],
+    env: dict[str, str],
+    after_start: Callable[[subprocess.Popen[Any]], None] | None,
+    runner: NodeRunner | None = None,
+) -> int:
+    """Run ``cmd`` in the foreground (with ``runner`` beside it); SIGINT/SIGTERM stop both cleanly and return 0.
+
+    Whichever ends first ends the other: a SuperNode that exits stops the runner, and a runner that dies
+    stops the SuperNode's tree (exit 1), so a node never sits connected with nobody answering its tasks.
+    """
 
     def on_signal(signum: int, _frame: Any) -> None:
         raise _Stop(signum)
@@ -132,9 +148,18 @@ def supervise(cmd: list[str], env: dict[str, str], after_start: Callable[[subpro
     proc = None
     try:
         proc = subprocess.Popen(cmd, env=env, start_new_session=True)
+        if runner is not None:
+            runner.start()
         if after_start is not None:
             after_start(proc)
-        return proc.wait()
+        while True:
+            try:
+                return proc.wait(timeout=None if runner is None else 0.5)
+            except subprocess.TimeoutExpired:
+                if runner is not None and not runner.is_alive():
+                    why = f"{type(runner.error).__name__}: {runner.error}" if runner.error else "it stopped"
+                    print(f"fedllm: the node runner failed ({why}); stopping {Path(cmd[0]).name}", file=sys.stderr)
+                    return 1
     except _Stop as stop:
         print(f"fedllm: stopping {Path(cmd[0]).name} (signal {stop.args[0]})", file=sys.stderr)
         return 0
@@ -142,6 +167,8 @@ def supervise(cmd: list[str], env: dict[str, str], after_start: Callable[[subpro
         if proc is not None:
             signal.signal(signal.SIGINT, signal.SIG_IGN)
             signal.signal(signal.SIGTERM, signal.SIG_IGN)
+            if runner is not None:
+                runner.stop()
             stop_tree(proc)
         for s, handler in previous.items():
             signal.signal(s, handler)
@@ -217,10 +244,42 @@ def cmd_server(args: argparse.Namespace) -> int:
 # ------------------------------------------------------------------------------------------------ client
 
 
+def write_secret(path: Path) -> bytes:
+    """A fresh random secret in a file only this user can read (created 0600, never world-readable)."""
+    secret = secrets.token_bytes(32)
+    path.unlink(missing_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "wb") as fh:
+        fh.write(secret)
+    return secret
+
+
+def node_logging() -> None:
+    """The runner's refusals and errors on the node's stderr; httpx would log every poll of the Runtime API."""
+    logger = logging.getLogger("fedllm")
+    if not logger.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(asctime)s fedllm %(levelname)s: %(message)s"))
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
+        logger.propagate = False
+    logging.getLogger("httpx").setLevel(logging.WARNING)
+
+
 def cmd_client(args: argparse.Namespace) -> int:
+    """The node: ``flower-supernode --isolation process`` plus the node's own runner (:mod:`fedllm.node`).
+
+    The SuperNode connects, receives messages and queues them on its Runtime API (127.0.0.1:``--port``); it
+    runs no app. The runner, a thread of this process, answers them with the ClientApp imported here from
+    the installed fedllm, for runs its trust policy accepts. The SuperNode's SuperExec authentication
+    secret is held by the runner alone (its file is removed once the SuperNode has read it), so no other
+    local process can claim the node's tasks.
+    """
     from fedllm.data import read_table
+    from fedllm.node import NodeRunner, TrustPolicy, own_bundle_hash
     from fedllm.profile import NODE_CONFIG_KEY, load_profile
 
+    faults.refuse_if_set("a deployed node")  # test-only switches weaken privacy: never on a real node
     profile = load_profile(args.profile)
     superlink = args.superlink or profile.superlink
     if not superlink:
@@ -229,8 +288,15 @@ def cmd_client(args: argparse.Namespace) -> int:
     read_table(profile.data, profile.text_column, profile.label_column)  # bad data fails now, not mid-run
     profile.state_dir.mkdir(parents=True, exist_ok=True)
     env = flower_env(profile.state_dir / "flwr-home")
+    node_logging()
+    from clients.app import app  # the node's own ClientApp, imported before any run can exist
+
+    policy = TrustPolicy.for_profile(profile, own_bundle_hash())
+    secret_file = Path(env["FLWR_HOME"]) / "superexec-auth.secret"
+    runner = NodeRunner(format_address("127.0.0.1", args.port), policy, app, write_secret(secret_file))
     cmd = [flower_program("flower-supernode"), "--superlink", format_address(host, port)]
     cmd += ["--node-config", f'{NODE_CONFIG_KEY}="{profile.source}"', "--port", str(args.port)]
+    cmd += ["--isolation", "process", "--superexec-auth-secret-file", str(secret_file)]
     if args.max_retries is not None:
         cmd += ["--max-retries", str(args.max_retries)]
     if args.max_wait_time is not None:
@@ -240,8 +306,18 @@ def cmd_client(args: argparse.Namespace) -> int:
         cmd.append("--insecure")
     else:
         cmd += ["--root-certificates", str(profile.ca), "--auth-supernode-private-key", str(profile.node_key)]
-    print(f"fedllm: node {profile.id} connecting to {format_address(host, port)}", flush=True)
-    return supervise(cmd, env, None)
+
+    def after_start(proc: subprocess.Popen[Any]) -> None:
+        # The SuperNode reads the secret before it opens its Runtime API; then only the runner holds it.
+        try:
+            wait_for_port("127.0.0.1", args.port, proc, timeout=60)
+        except FedllmError:
+            pass  # it exited (its own log says why; supervise returns its code) or is slow: the file goes anyway
+        finally:
+            secret_file.unlink(missing_ok=True)
+
+    print(f"fedllm: node {profile.id} connecting to {format_address(host, port)}; {policy.describe()}", flush=True)
+    return supervise(cmd, env, after_start, runner)
 
 
 # ------------------------------------------------------------------------------------------------ run
@@ -280,7 +356,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         run_config = Path(tmp) / "run-config.toml"
         transport = "insecure" if args.insecure else "tls"  # recorded in metrics.json and the report
         run_config.write_text(tomli_w.dumps({"config-toml": to_toml(cfg), "out-dir": str(out), "transport": transport}))
-        cmd = [flower_program("flwr"), "run", str(PROJECT_ROOT), CONNECTION, "--run-config", str(run_config)]
+        app = (args.app or PROJECT_ROOT).resolve()  # --app: tests play a coordinator with code of its own
+        cmd = [flower_program("flwr"), "run", str(app), CONNECTION, "--run-config", str(run_config)]
         cmd.append("--stream")
         print(f"fedllm: submitting '{cfg.name}' to {format_address(host, port)}; records in {out} on the SuperLink")
         return supervise(cmd, env, None)
@@ -314,4 +391,7 @@ def register(subparsers: Any) -> None:
     run.add_argument("--scenario", help="a scenario with data.source = 'nodes' (TOML path or built-in name)")
     run.add_argument("--out", type=Path, help="run directory on the SuperLink host (default: runs/<name>-<time>)")
     run.add_argument("--insecure", action="store_true", help="plain text (testing only)")
+    # Hidden: submit another project tree than the installed one. Nodes refuse a bundle they do not trust, and
+    # the deployment tests use this to play a coordinator that changed a line of the code it ships.
+    run.add_argument("--app", type=Path, help=argparse.SUPPRESS)
     run.set_defaults(handler=cmd_run)

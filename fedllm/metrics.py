@@ -22,6 +22,7 @@ class ClientRound:
     budget_epsilon: float | None = None
     delta: float | None = None
     test_accuracy: float | None = None  # on its local test split; only with federated_evaluation = true
+    device: str = ""  # where it trained ("cpu", "cuda:0"): GPU placement is visible, not assumed
 
 
 @dataclass
@@ -62,8 +63,18 @@ class RunMetrics:
                     epsilon=epsilon,
                     budget_epsilon=c.budget_epsilon if c.budget_epsilon is not None else (prev and prev.budget_epsilon),
                     delta=c.delta if c.delta is not None else (prev and prev.delta),
+                    device=c.device or (prev.device if prev else ""),
                 )
         return final
+
+    def devices(self) -> dict[str, list[str]]:
+        """Every device each client trained on, in first-use order (more than one means it moved)."""
+        seen: dict[str, list[str]] = {}
+        for r in self.rounds:
+            for cid, c in r.clients.items():
+                if c.device and c.device not in seen.setdefault(cid, []):
+                    seen[cid].append(c.device)
+        return seen
 
     def rounds_trained(self, client_id: str) -> int:
         return sum(1 for r in self.rounds if r.clients.get(client_id, ClientRound("")).status == "trained")

@@ -51,9 +51,10 @@ def _fmt(x: float | None, digits: int = 3) -> str:
 
 def print_summary(metrics: RunMetrics, cfg: FederationConfig, wall: float, out_dir: Path) -> None:
     clients = Table(title="Privacy budget per client" + ("" if metrics.dp else " (NON-PRIVATE baseline)"))
-    for col in ("client", "examples", "rounds trained", "epsilon", "budget", "delta", "status"):
-        clients.add_column(col, justify="right" if col not in ("client", "status") else "left")
+    for col in ("client", "examples", "rounds trained", "epsilon", "budget", "delta", "device", "status"):
+        clients.add_column(col, justify="right" if col not in ("client", "device", "status") else "left")
     final = metrics.final_clients()
+    devices = metrics.devices()
     order = [c.id for c in cfg.clients if c.id in final] + [cid for cid in final if cid not in cfg.client_ids]
     for cid in order:
         c = final[cid]
@@ -67,6 +68,7 @@ def print_summary(metrics: RunMetrics, cfg: FederationConfig, wall: float, out_d
             eps,
             budget,
             f"{c.delta:g}" if c.delta else "-",
+            ", ".join(devices.get(cid, ())) or "-",
             status,
         )
     rounds = Table(title="Global model per round (coordinator's held-out set)")

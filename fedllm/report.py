@@ -171,10 +171,13 @@ def _audit_summary(run_dir: Path) -> tuple[dict[str, Any], AuditResult | None]:
     try:
         result = audit(run_dir, DEFAULT_TOLERANCE)
     except FedllmError as exc:
-        summary = {"ok": None, "verdict": f"not audited: {exc}", "tolerance": DEFAULT_TOLERANCE}
-        return {**summary, "findings": [], "notes": [], "clients": []}, None
+        summary = {"ok": None, "status": None, "verdict": f"not audited: {exc}", "tolerance": DEFAULT_TOLERANCE}
+        return {**summary, "findings": [], "notes": [], "unverified": [], "gaps": [], "clients": []}, None
     data = result.to_dict()
-    keep = ("ok", "verdict", "tolerance", "same_accountant_rtol", "findings", "notes", "clients")
+    keep = (
+        *("ok", "status", "verdict", "tolerance", "same_accountant_rtol"),
+        *("findings", "notes", "unverified", "gaps", "clients"),
+    )
     return {k: data[k] for k in keep}, result
 
 
@@ -411,7 +414,7 @@ th, td { border: 1px solid #ccc; padding: 0.25rem 0.6rem; text-align: right; }
 th { background: #f3f3f3; } td.l, th.l { text-align: left; }
 .verdict { padding: 0.6rem 1rem; border-radius: 4px; font-weight: 600; }
 .verdict.ok { background: #e6f4ea; color: #1e6b34; } .verdict.bad { background: #fce8e6; color: #a50e0e; }
-.verdict.na { background: #f1f3f4; color: #444; }
+.verdict.na { background: #f1f3f4; color: #444; } .verdict.unverified { background: #fef7e0; color: #7a4f01; }
 .warn { color: #a50e0e; } .muted { color: #666; }
 svg { font-family: inherit; } .plot { fill: #fff; stroke: #999; } .grid { stroke: #eee; }
 .tick { font-size: 11px; fill: #555; } .axis { font-size: 12px; fill: #333; } .legend { font-size: 12px; }
@@ -472,7 +475,9 @@ def render_html(report: dict[str, Any]) -> str:
     e = html.escape
     run, dp = report["run"], report["run"]["dp"]
     audit_ = report["audit"]
+    # "unverified" (a client's own ledger or key missing) is neither clean nor proof of tampering: its own colour.
     verdict_cls = "na" if audit_["ok"] is None else ("ok" if audit_["ok"] else "bad")
+    verdict_cls = "unverified" if audit_.get("status") == "unverified" else verdict_cls
     rounds = [r["round"] for r in report["rounds"]]
     out = [
         "<!DOCTYPE html>",
@@ -548,6 +553,10 @@ def render_html(report: dict[str, Any]) -> str:
     if audit_["findings"]:
         out.append('<ul id="findings" class="warn">')
         out += [f"<li>{e(f)}</li>" for f in audit_["findings"]]
+        out.append("</ul>")
+    if audit_.get("gaps"):
+        out.append('<ul id="unverified" class="warn">')
+        out += [f"<li>unverified: {e(g)}</li>" for g in audit_["gaps"]]
         out.append("</ul>")
     if audit_["notes"]:
         out.append('<ul id="notes" class="muted">')
@@ -641,6 +650,7 @@ def render_markdown(report: dict[str, Any]) -> str:
             ],
         )
     lines += [f"- **finding:** {_md(f)}" for f in audit_["findings"]]
+    lines += [f"- **unverified:** {_md(g)}" for g in audit_.get("gaps", [])]
     lines += [f"- note: {_md(n)}" for n in audit_["notes"]]
     if report.get("empirical_audit"):
         lines += ["", "## Empirical privacy audit", "", _EMPIRICAL_NOTE, ""]

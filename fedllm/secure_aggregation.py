@@ -24,7 +24,7 @@ from flwr.app.message_type import MessageType
 from flwr.client.mod import secaggplus_mod
 from flwr.clientapp.typing import ClientAppCallable, Mod
 from flwr.common import Scalar
-from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key
+from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key, Stage
 from flwr.server.workflow import SecAggPlusWorkflow
 
 from fedllm.config import SecureAggregationConfig
@@ -109,17 +109,57 @@ def _is_secagg(msg: Message) -> bool:
     return RECORD_KEY_CONFIGS in records and Key.STAGE in records[RECORD_KEY_CONFIGS]
 
 
-def secagg_mod(required: Callable[[Context], bool]) -> Mod:
+def peers_in_key_sharing(msg: Message) -> int | None:
+    """At the masked-vector stage: how many other clients shared keys with this one (None at other stages).
+
+    These are the updates this client's mask is summed with; fewer than its minimum and the sum the
+    coordinator unmasks hides the update among too few others.
+    """
+    configs = msg.content.config_records[RECORD_KEY_CONFIGS]
+    if configs.get(Key.STAGE) != Stage.COLLECT_MASKED_VECTORS:
+        return None
+    return len(configs.get(Key.SOURCE_LIST, []))
+
+
+def listed_active_and_dead(msg: Message) -> set[int]:
+    """At the unmask stage: nodes the server lists as both surviving and dropped.
+
+    For a surviving node a client sends its share of the node's self-mask seed, for a dropped one its share
+    of the key behind the pairwise masks; with both, the server could unmask that node's single update.
+    Flower's own client sends both; this one refuses. (A server showing different clients different lists
+    is not caught by one client alone: ``docs/privacy.md`` states that limit.)
+    """
+    configs = msg.content.config_records[RECORD_KEY_CONFIGS]
+    if configs.get(Key.STAGE) != Stage.UNMASK:
+        return set()
+    return set(configs.get(Key.ACTIVE_NODE_ID_LIST, [])) & set(configs.get(Key.DEAD_NODE_ID_LIST, []))
+
+
+def secagg_mod(required: Callable[[Context], bool], min_peers: Callable[[Context], int] = lambda _: 1) -> Mod:
     """SecAgg+ for every masked training request; a plain one is refused where ``required`` says so.
 
     Flower builds mods at import time, before the run's config exists, so the requirement is asked per
-    message. Refusing (an error reply) keeps the update on the node: a coordinator cannot downgrade.
+    message. Refusing (an error reply) keeps the update on the node: a coordinator cannot downgrade. A
+    masked round in which fewer than ``min_peers`` other clients took part in key sharing is refused
+    before training starts, so nothing is spent and nothing is sent.
     """
 
     def mod(msg: Message, ctxt: Context, call_next: ClientAppCallable) -> Message:
         if msg.metadata.message_type != MessageType.TRAIN:
             return call_next(msg, ctxt)
         if _is_secagg(msg):
+            both = listed_active_and_dead(msg)
+            if both:
+                raise PermissionError(
+                    f"node(s) {sorted(both)} listed as both surviving and dropped: answering would unmask their"
+                    " update; refusing"
+                )
+            peers, needed = peers_in_key_sharing(msg), min_peers(ctxt)
+            if peers is not None and peers < needed:
+                raise PermissionError(
+                    f"only {peers} other client(s) took part in key sharing, fewer than this node's minimum of"
+                    f" {needed}; refusing to send a masked update"
+                )
             return secaggplus_mod(msg, ctxt, call_next)
         if required(ctxt):
             raise PermissionError("this client requires secure aggregation; refusing to send its update in clear")

@@ -1,13 +1,23 @@
-"""Many clients on one machine: Flower's simulation engine (Ray backend), in this process.
+"""Many clients on one machine, or on a Ray cluster: Flower's simulation engine (Ray backend), in this process.
 
 In-process ``run_simulation`` starts no detached SuperLink (``flwr run`` does, and it outlives the
-command), so nothing is left running when it returns; Ray is shut down explicitly all the same.
+command), so nothing is left running when it returns. Two ways to get Ray:
+
+* no ``[simulation] ray_address``: a private Ray instance on this machine (no dashboard), stopped at the end;
+* ``ray_address``: this process joins that running cluster as one more driver. Flower skips ``ray.init``
+  when Ray is already initialised (``RayBackend.init_ray``), and ``ray.shutdown`` at the end only
+  disconnects this driver: a cluster fedllm did not start, it never stops.
+
+GPU placement is explicit: a client sees a GPU only when ``num_gpus`` > 0 reserves one, in quiet and verbose
+mode alike (Ray hides every GPU from a worker that reserved none: ``RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO=1``).
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import socket
+import sys
 import warnings
 from collections.abc import Callable
 from functools import partial
@@ -16,8 +26,11 @@ from flwr.app import Context
 from flwr.clientapp import ClientApp
 from flwr.serverapp import ServerApp
 
+from fedllm import faults
 from fedllm import metrics as run_metrics
+from fedllm.config import FederationConfig, SimulationConfig
 from fedllm.coordinator import main_for
+from fedllm.errors import ConfigError
 from fedllm.metrics import RoundRecord, RunMetrics
 from fedllm.runspec import RunSpec
 from fedllm.secure_aggregation import secagg_mod
@@ -42,47 +55,130 @@ def quiet_logs(verbose: bool) -> None:
         warnings.filterwarnings("ignore", category=category)
     warnings.filterwarnings("ignore", message="Optimal order is the largest alpha")
     os.environ.setdefault("PYTHONWARNINGS", "ignore::FutureWarning,ignore::DeprecationWarning")
-    os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
 
 
-def simulate(
-    spec: RunSpec, *, on_round: Callable[[RoundRecord], None] | None = None, verbose: bool = False
-) -> RunMetrics:
-    os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")  # offline: never phone home
-    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    quiet_logs(verbose)
-    from flwr.simulation import run_simulation
+# Ray hides the GPUs from a worker that reserved none only while this is true (its default today, announced
+# to change): set, not defaulted, so num_gpus = 0 means "no GPU" whatever the environment or Ray version.
+GPU_ISOLATION = {"RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "1"}
+# What a worker on a cluster we join must see of this process' environment (a local instance inherits it
+# all): fault switches and the simulation marker, data and cache locations, offline mode, log settings.
+FORWARDED_PREFIXES = ("FEDLLM_", "HF_", "TRANSFORMERS_", "TOKENIZERS_", "PYTHONWARNINGS", "FLWR_TELEMETRY")
 
-    from fedllm import empirical
 
-    cfg = spec.config
-    empirical.prepare(spec)  # an [empirical_audit] run: canaries and secret coins before any client starts
-    server_app = ServerApp()
-    server_app.main()(main_for(spec, on_round))
-    required = cfg.secure_aggregation.enabled
-    client_app = ClientApp(client_fn=partial(_client_fn, spec), mods=[secagg_mod(lambda _: required)])
-    backend_config = {
-        "client_resources": {"num_cpus": cfg.simulation.num_cpus, "num_gpus": cfg.simulation.num_gpus},
+def check_placement(cfg: FederationConfig) -> None:
+    """A client trains on a GPU only when its resources reserve one; say so before Ray starts."""
+    device = cfg.training.device
+    if device.startswith("cuda") and cfg.simulation.num_gpus <= 0:
+        raise ConfigError(
+            f"training.device: {device} needs a GPU reserved per client: set [simulation] num_gpus > 0"
+            " (--num-gpus, e.g. 0.5 for two clients per GPU); with num_gpus = 0 clients see no GPU"
+        )
+
+
+def _ray_environment() -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k.startswith(FORWARDED_PREFIXES)}
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (*sys.path, os.environ.get("PYTHONPATH", "")) if p)
+    return {**env, **GPU_ISOLATION}
+
+
+def join_cluster(address: str, verbose: bool) -> str:
+    """Connect this process to a running Ray cluster (never starts one: a wrong address is an error).
+
+    Workers there were started by the cluster, not by us, so the environment they need travels in the
+    job's runtime_env; Flower then finds Ray initialised and uses it as it is.
+    """
+    import ray
+
+    _check_reachable(address)
+    try:
+        ray.init(
+            address=address,
+            runtime_env={"env_vars": _ray_environment()},
+            logging_level="info" if verbose else "error",
+            log_to_driver=verbose,
+        )
+    except ConnectionError as exc:
+        raise ConfigError(f"simulation.ray_address: no Ray cluster at {address} ({exc})") from None
+    resources = ray.cluster_resources()
+    nodes = [n for n in ray.nodes() if n.get("Alive")]
+    return (
+        f"joined Ray cluster {address} (job {ray.get_runtime_context().get_job_id()}): {len(nodes)} node(s),"
+        f" {resources.get('CPU', 0):g} CPU, {resources.get('GPU', 0):g} GPU"
+    )
+
+
+def _check_reachable(address: str) -> None:
+    """Fail in a second, not after Ray's minute of retries, when nothing listens at ``host:port``."""
+    host, sep, port = address.removeprefix("ray://").rpartition(":")
+    if not sep or not port.isdigit():
+        return  # "auto" and the like: ray.init resolves and reports those itself
+    try:
+        socket.create_connection((host, int(port)), timeout=5).close()
+    except OSError as exc:
+        raise ConfigError(f"simulation.ray_address: no Ray cluster at {address} ({exc})") from None
+
+
+def backend_config(sim: SimulationConfig, verbose: bool) -> dict:
+    """Flower's Ray backend settings. ``init_args`` apply only to the private instance (Flower skips
+    ``ray.init`` on a cluster we joined); ``address="local"`` makes sure that instance is ours, even where
+    ``RAY_ADDRESS`` names a cluster."""
+    return {
+        "client_resources": {"num_cpus": sim.num_cpus, "num_gpus": sim.num_gpus},
         "init_args": {
+            "address": "local",
             "num_cpus": os.cpu_count() or 1,
             "include_dashboard": False,
             "logging_level": "info" if verbose else "error",
             "log_to_driver": verbose,
         },
     }
+
+
+def prepare_environment(verbose: bool) -> None:
+    """This process' environment, which a private Ray instance's workers inherit (a joined cluster's get
+    :func:`_ray_environment`): the same GPU isolation in quiet and verbose mode."""
+    os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")  # offline: never phone home
+    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    faults.refuse_if_set("simulation")  # a fault switch needs a test's marker, before anything starts
+    os.environ[faults.IN_SIMULATION] = "1"  # inherited by the Ray workers: switches work only in here
+    os.environ.update(GPU_ISOLATION)
+    warnings.filterwarnings("ignore", message="Tip: In future versions of Ray")  # the default we now pin
+    quiet_logs(verbose)
+
+
+def simulate(
+    spec: RunSpec, *, on_round: Callable[[RoundRecord], None] | None = None, verbose: bool = False
+) -> RunMetrics:
+    prepare_environment(verbose)
+    from flwr.simulation import run_simulation
+
+    from fedllm import empirical
+
+    cfg = spec.config
+    check_placement(cfg)
+    empirical.prepare(spec)  # an [empirical_audit] run: canaries and secret coins before any client starts
+    server_app = ServerApp()
+    server_app.main()(main_for(spec, on_round))
+    required = cfg.secure_aggregation.enabled
+    client_app = ClientApp(
+        client_fn=partial(_client_fn, spec),
+        mods=[secagg_mod(lambda _: required, lambda _: cfg.secure_aggregation.min_peers)],
+    )
     try:
+        if cfg.simulation.ray_address:
+            print(f"fedllm: {join_cluster(cfg.simulation.ray_address, verbose)}", file=sys.stderr)
         run_simulation(
             server_app=server_app,
             client_app=client_app,
             num_supernodes=cfg.num_clients,
-            backend_config=backend_config,
+            backend_config=backend_config(cfg.simulation, verbose),
             verbose_logging=verbose,
         )
     finally:
         import ray
 
         if ray.is_initialized():
-            ray.shutdown()
+            ray.shutdown()  # our private instance stops; on a joined cluster only this driver disconnects
     empirical.finish(spec)  # the adversary's guesses on the final model, and the lower bound
     return run_metrics.read(spec.out_dir / "metrics.json")

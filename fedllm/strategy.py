@@ -14,7 +14,15 @@ from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
-from flwr.common import FitIns, FitRes, Parameters, Scalar, ndarrays_to_parameters, parameters_to_ndarrays
+from flwr.common import (
+    EvaluateIns,
+    FitIns,
+    FitRes,
+    Parameters,
+    Scalar,
+    ndarrays_to_parameters,
+    parameters_to_ndarrays,
+)
 from flwr.server.client_manager import ClientManager
 from flwr.server.client_proxy import ClientProxy
 from flwr.server.criterion import Criterion
@@ -157,6 +165,7 @@ class BudgetAwareFedAvg(FedAvg):
             epsilon=finite_or_none(entry.epsilon),
             budget_epsilon=finite_or_none(entry.budget_epsilon),
             delta=entry.delta,
+            device=str(m.get("device") or ""),
         )
         if problem:
             log.warning("client %s: %s; update rejected", entry.client_id, problem)
@@ -227,20 +236,31 @@ class BudgetAwareFedAvg(FedAvg):
         if not trained:
             return None, {}
         if self.masking is not None:
-            return self._aggregate_masked(results)
+            return self._aggregate_masked(results, contributors=len(trained))
         return super().aggregate_fit(server_round, trained, failures)
 
     def _aggregate_masked(
-        self, results: list[tuple[ClientProxy, FitRes]]
+        self, results: list[tuple[ClientProxy, FitRes]], contributors: int
     ) -> tuple[Parameters | None, dict[str, Scalar]]:
         """SecAgg+ hands over the weighted mean of the clients' deltas; no single update is ever seen.
 
         A bad report cannot be pulled out of a masked sum, so one invalid reply voids the whole round (the
-        global model stays as it was); so does a mean that is not finite or not shaped like the model.
+        global model stays as it was); so does a mean that is not finite or not shaped like the model. A
+        sum with one non-zero contribution *is* that contribution (the others refused and sent zeros of
+        weight 0), so such a round is voided too: the coordinator never applies a lone update.
         """
         assert self._current is not None
         if any(c.status == "rejected" for c in self._current.clients.values()):
             log.warning("round %s: an invalid report is inside the masked sum; round discarded", self._current.round)
+            self._current.aggregated = 0
+            return None, {}
+        if contributors < 2:
+            log.warning(
+                "round %s: only %d non-zero contribution(s) in the masked sum, which would reveal one update;"
+                " round discarded",
+                self._current.round,
+                contributors,
+            )
             self._current.aggregated = 0
             return None, {}
         mean_delta = parameters_to_ndarrays(results[0][1].parameters)
@@ -293,9 +313,16 @@ class BudgetAwareFedAvg(FedAvg):
         return result
 
     def configure_evaluate(self, server_round, parameters, client_manager):  # type: ignore[no-untyped-def]
-        if self.stopped:
+        """Opt-in federated evaluation asks only this round's trainers, about the model they trained from.
+
+        A client answers only for the model its own training started from in this round (it checks the
+        hash), so the request carries that model and the round number, not the new aggregate.
+        """
+        if self.stopped or self.fraction_evaluate == 0.0:
             return []
-        return super().configure_evaluate(server_round, parameters, client_manager)
+        clients = client_manager.all()
+        ins = EvaluateIns(ndarrays_to_parameters(self._global), {"server-round": server_round + self.round_offset})
+        return [(clients[cid], ins) for cid in self._asked if cid in clients]
 
     def aggregate_evaluate(self, server_round, results, failures):  # type: ignore[no-untyped-def]
         """Opt-in federated evaluation: each client's accuracy on its own held-out split."""

@@ -2,13 +2,12 @@
 
 Runs are built directly (ledgers, signed rows, config.toml, metrics.json) with the real accountant and real
 keys, which takes a second instead of the half minute a simulated run takes; one slow test audits a real
-``fedllm simulate`` run as well. ``write_run`` is shared with the report tests.
+``fedllm simulate`` run as well. ``write_run`` lives in ``tests/support.py``, shared with the report tests.
 """
 
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import math
 import shutil
@@ -17,126 +16,16 @@ import subprocess
 import sys
 import tomllib
 from dataclasses import replace
-from functools import cache
 from pathlib import Path
 
 import pytest
 import tomli_w
 from cryptography.hazmat.primitives.asymmetric import ec
+from support import CLIENTS, MECH, RUN_ID, rounds_epsilon, write_run
 
 from fedllm import audit as audit_mod
-from fedllm.accounting import Mechanism, epsilon_of_mechanisms
-from fedllm.config import config_hash, from_dict, to_toml
 from fedllm.ledger import GENESIS, Ledger, LedgerEntry, make_entry
-from fedllm.metrics import ClientRound, RoundRecord, RunMetrics, write
 from fedllm.signing import load_or_create_key, public_openssh, sign
-
-RUN_ID = "run-42"
-MECH = Mechanism(noise_multiplier=1.0, sample_rate=0.02, steps=10, max_grad_norm=1.0)
-NO_MECH = Mechanism(noise_multiplier=0.0, sample_rate=0.0, steps=0, max_grad_norm=0.0)
-CLIENTS = ("alpha", "beta", "gamma")
-
-
-@cache
-def _eps(accountant: str, n: int, delta: float) -> float:
-    return epsilon_of_mechanisms(accountant, [MECH] * n, delta)
-
-
-def write_run(
-    out: Path,
-    *,
-    clients: tuple[str, ...] = CLIENTS,
-    rounds: int = 3,
-    rounds_planned: int | None = None,
-    budget: float = 8.0,
-    dp: bool = True,
-    accountant: str = "prv",
-    delta: float = 1e-5,
-    refuse_from: dict[str, int] | None = None,
-    fail_round: dict[str, int] | None = None,
-    epsilon_scale: float = 1.0,
-    stopped_early: str | None = None,
-    config_extra: dict | None = None,
-) -> Path:
-    """A run directory as the coordinator and clients leave it: ledgers, keys, config.toml, metrics.json.
-
-    ``refuse_from``: a client refuses every round from that one on. ``fail_round``: a client reserves that
-    round, then fails (no coordinator row; its own budget still counts the reservation). ``epsilon_scale``
-    makes every client under-report epsilon consistently (its own ledger and signature agree with the lie).
-    """
-    refuse_from, fail_round = refuse_from or {}, fail_round or {}
-    raw = {
-        "name": "audit-test",
-        "rounds": rounds_planned or rounds,
-        "num_clients": len(clients),
-        "clients": [{"id": c} for c in clients],
-        "model": {"name": "tiny-bert"},
-        "data": {"source": "synthetic", "partition": "iid"},
-        "privacy": {"enabled": dp, "epsilon": budget, "delta": delta, "accountant": accountant},
-    }
-    cfg = from_dict(raw)
-    out.mkdir(parents=True, exist_ok=True)
-    text = to_toml(cfg)
-    if config_extra:
-        text = tomli_w.dumps({**tomllib.loads(text), **config_extra})
-    (out / "config.toml").write_text(text)
-    chash = config_hash(cfg) if not config_extra else hashlib.sha256(text.encode()).hexdigest()
-    metrics = RunMetrics(run_id=RUN_ID, scenario="audit-test", dp=dp, rounds_planned=rounds_planned or rounds)
-    metrics.initial_accuracy, metrics.initial_loss = 0.25, 1.4
-    metrics.stopped_early = stopped_early
-    keys = {c: load_or_create_key(out / "clients" / c / "node_key") for c in clients}
-    spent = dict.fromkeys(clients, 0)
-    with Ledger(out / "ledger.sqlite") as coord:
-        own = {c: Ledger(out / "clients" / c / "ledger.sqlite") for c in clients} if dp else {}
-        for r in range(1, rounds + 1):
-            record = RoundRecord(round=r, accuracy=0.3 + 0.1 * r, loss=1.2 - 0.1 * r)
-            for c in clients:
-                common = {"run_id": RUN_ID, "round": r, "client_id": c, "delta": delta, "config_hash": chash}
-                if not dp:
-                    e = make_entry(
-                        **common,
-                        status="trained",
-                        mechanism=Mechanism(0.0, 0.02, 10, math.inf),
-                        accountant="none",
-                        epsilon=math.inf,
-                        budget_epsilon=math.inf,
-                        model_hash="m",
-                    )
-                    coord.append(
-                        replace(e, signer=public_openssh(keys[c]), signature=sign(keys[c], e.signed_payload()))
-                    )
-                    record.clients[c] = ClientRound(status="trained", examples=100, delta=delta)
-                    continue
-                dp_common = {**common, "accountant": accountant, "budget_epsilon": budget}
-                if r == fail_round.get(c):
-                    spent[c] += 1
-                    eps = _eps(accountant, spent[c], delta) * epsilon_scale
-                    for status in ("reserved", "failed"):
-                        own[c].append(make_entry(**dp_common, status=status, mechanism=MECH, epsilon=eps))
-                    record.clients[c] = ClientRound(status="dropped")
-                    continue
-                if r >= refuse_from.get(c, rounds + 1):
-                    eps = _eps(accountant, spent[c], delta) * epsilon_scale if spent[c] else 0.0
-                    own[c].append(make_entry(**dp_common, status="refused", mechanism=NO_MECH, epsilon=eps))
-                    e = make_entry(**dp_common, status="refused", mechanism=NO_MECH, epsilon=eps)
-                    record.clients[c] = ClientRound(status="refused", epsilon=eps, budget_epsilon=budget, delta=delta)
-                else:
-                    spent[c] += 1
-                    eps = _eps(accountant, spent[c], delta) * epsilon_scale
-                    for status in ("reserved", "trained"):
-                        own[c].append(make_entry(**dp_common, status=status, mechanism=MECH, epsilon=eps))
-                    e = make_entry(**dp_common, status="trained", mechanism=MECH, epsilon=eps, model_hash=f"m{r}")
-                    record.clients[c] = ClientRound(
-                        status="trained", examples=500, loss=1.0, epsilon=eps, budget_epsilon=budget, delta=delta
-                    )
-                coord.append(replace(e, signer=public_openssh(keys[c]), signature=sign(keys[c], e.signed_payload())))
-            record.aggregated = sum(1 for v in record.clients.values() if v.status == "trained")
-            metrics.rounds.append(record)
-        for ledger in own.values():
-            ledger.close()
-    write(metrics, out / "metrics.json")
-    return out
-
 
 # ---------------------------------------------------------------------------------------------- helpers
 
@@ -200,7 +89,7 @@ def test_honest_run_audits_clean(run_dir, capsys):
     assert result.findings == []
     assert result.ok and result.private and result.accountant == "prv"
     assert [c.client for c in result.clients] == list(CLIENTS)
-    expected = _eps("prv", 3, 1e-5)
+    expected = rounds_epsilon("prv", 3, 1e-5)
     for c in result.clients:
         assert c.rounds_trained == 3
         assert c.reported_epsilon == expected
@@ -230,14 +119,14 @@ def test_failed_round_reservation_counts_and_is_noted(tmp_path):
     assert result.findings == []
     beta = next(c for c in result.clients if c.client == "beta")
     assert beta.rounds_trained == 2
-    assert math.isclose(beta.reported_epsilon, _eps("prv", 3, 1e-5))  # three spends, two trained rounds
+    assert math.isclose(beta.reported_epsilon, rounds_epsilon("prv", 3, 1e-5))  # three spends, two trained rounds
     assert any("beta" in n and "reserved spend" in n for n in result.notes)
 
 
 def test_round_redone_after_a_coordinator_restart_audits_clean(run_dir):
     """A resumed run may train a round twice; both spends are real, signed and in the client's ledger."""
     key = load_or_create_key(run_dir / "clients" / "alpha" / "node_key")
-    eps = _eps("prv", 4, 1e-5)
+    eps = rounds_epsilon("prv", 4, 1e-5)
     common = {"run_id": RUN_ID, "round": 3, "client_id": "alpha", "mechanism": MECH, "delta": 1e-5}
     common |= {"accountant": "prv", "epsilon": eps, "budget_epsilon": 8.0}
     with Ledger(run_dir / "clients" / "alpha" / "ledger.sqlite") as own:
@@ -258,7 +147,7 @@ def test_refused_rounds_audit_clean(tmp_path):
     result = audit_mod.audit(run)
     assert result.findings == []
     gamma = next(c for c in result.clients if c.client == "gamma")
-    assert gamma.rounds_trained == 1 and gamma.reported_epsilon == _eps("prv", 1, 1e-5)
+    assert gamma.rounds_trained == 1 and gamma.reported_epsilon == rounds_epsilon("prv", 1, 1e-5)
 
 
 def test_non_private_run_is_reported_as_such(tmp_path, capsys):
@@ -435,6 +324,126 @@ def test_consistent_under_reporting_is_an_epsilon_mismatch(tmp_path):
     result = audit_mod.audit(run)
     assert _kinds(result) == {"epsilon mismatch"}
     assert any("client alpha" in f and "dp-accounting PLD" in f for f in result.findings)
+
+
+# ---------------------------------------------------------------------------------------------- withheld records
+
+
+def _withhold(run: Path, client: str, *names: str) -> None:
+    for name in names:
+        for f in (run / "clients" / client).glob(f"{name}*"):
+            f.unlink()
+
+
+def test_withheld_client_ledger_is_unverified_not_clean(run_dir, capsys):
+    """Nothing inconsistent, but beta's own ledger is missing: the run is unverified (exit 3), never clean."""
+    _withhold(run_dir, "beta", "ledger.sqlite")
+    result = audit_mod.audit(run_dir)
+    assert result.findings == [] and result.status == "unverified" and not result.ok
+    assert result.unverified == ["beta"] and len(result.gaps) == 1 and "beta" in result.gaps[0]
+    assert result.verdict() == (
+        "unverified: no own ledger or no key from client(s) beta; the coordinator's record of them could not be checked"
+    )
+    assert [c.ok for c in result.clients] == [True, False, True]
+    assert _exit_code(run_dir) == 3
+    assert "verdict: unverified" in capsys.readouterr().out
+    assert _exit_code(run_dir, "--json") == 3
+    data = json.loads(capsys.readouterr().out)
+    assert data["status"] == "unverified" and data["ok"] is False and data["unverified"] == ["beta"]
+
+
+def test_withheld_key_is_unverified(run_dir):
+    """Without the key the client registered, its signed rows prove nothing: unverified, not a finding."""
+    _withhold(run_dir, "gamma", "node_key")
+    result = audit_mod.audit(run_dir)
+    assert result.findings == [] and result.unverified == ["gamma"]
+    assert "no trusted key" in result.gaps[0] and "3 signed row(s)" in result.gaps[0]
+
+
+def test_findings_outrank_unverified(run_dir):
+    """A finding is evidence: exit 1, and the verdict still names the clients that could not be checked."""
+    _withhold(run_dir, "alpha", "ledger.sqlite")
+    _raw(run_dir / "ledger.sqlite").execute("UPDATE entries SET epsilon = 0.5 WHERE seq = 2")
+    result = audit_mod.audit(run_dir)
+    assert result.status == "violations" and result.unverified == ["alpha"]
+    assert result.verdict().endswith("(also unverified: no own ledger or no key from client(s) alpha)")
+    assert _exit_code(run_dir) == 1
+
+
+def test_configured_client_without_rows_or_ledger_is_unverified(tmp_path):
+    """config.toml lists delta; no ledger has a row of it and it handed nothing over: left out, or never
+    sampled? Only its own ledger could say."""
+    run = write_run(tmp_path / "run", rounds=1, config_extra={"clients": [{"id": c} for c in (*CLIENTS, "delta")]})
+    result = audit_mod.audit(run)
+    assert result.findings == [] and result.unverified == ["delta"]
+    assert "never sampled, or left out" in result.gaps[0]
+    (run / "clients" / "delta").mkdir()
+    Ledger(run / "clients" / "delta" / "ledger.sqlite").close()  # an empty ledger: it never trained
+    load_or_create_key(run / "clients" / "delta" / "node_key")
+    result = audit_mod.audit(run)
+    assert result.ok, result.to_dict()
+    assert next(c for c in result.clients if c.client == "delta").rounds_trained == 0
+
+
+def test_non_private_run_needs_no_client_ledgers(tmp_path):
+    """A non-private run spends nothing to check (epsilon is infinite): its clients keep no ledger."""
+    run = write_run(tmp_path / "run", dp=False, rounds=1)
+    assert not list(run.glob("clients/*/ledger.sqlite"))
+    assert audit_mod.audit(run).status == "clean"
+    _withhold(run, "alpha", "node_key")  # but its rows are signed: without the key they prove nothing
+    assert audit_mod.audit(run).unverified == ["alpha"]
+
+
+def _cut_tail(path: Path, from_round: int) -> None:
+    """A careful coordinator: drop the last round(s) and rebuild the chain, so the ledger looks whole."""
+    kept = [e for e in _rows(path) if e.round < from_round]
+    for f in path.parent.glob(path.name + "*"):
+        f.unlink()
+    with Ledger(path) as ledger:
+        for e in kept:
+            ledger.append(replace(e, prev_hash="", hash="", seq=0))
+
+
+def test_cut_tail_reports_the_clients_own_epsilon(run_dir):
+    """Rounds 2 and 3 cut and the chain rebuilt: each client's own ledger names the rounds, and the epsilon the
+    audit reports is the client's three-round spend, not the one round the coordinator's ledger still shows."""
+    _cut_tail(run_dir / "ledger.sqlite", 2)
+    (run_dir / "metrics.json").unlink()  # its rounds would give the cut away too; the client ledgers suffice
+    result = audit_mod.audit(run_dir)
+    assert result.status == "violations" and result.unverified == []
+    for c in CLIENTS:
+        assert any(f"{c}'s trained round 2 " in f for f in audit_mod.findings_of_kind(result, ["row deleted"]))
+        assert any(f"{c}'s trained round 3 " in f for f in audit_mod.findings_of_kind(result, ["row deleted"]))
+    true_eps = rounds_epsilon("prv", 3, 1e-5)
+    for c in result.clients:
+        assert c.reported_epsilon == true_eps and c.rounds_trained == 3 and not c.ok
+        assert math.isclose(c.recomputed_epsilon, true_eps, rel_tol=1e-9)
+        assert math.isclose(c.dp_accounting_epsilon, true_eps, rel_tol=0.05)
+    assert any("alpha" in n and "the audit reports the client's" in n for n in result.notes)
+
+
+def test_cut_refused_round_is_caught(tmp_path):
+    run = write_run(tmp_path / "run", refuse_from={"gamma": 3})
+    path = run / "ledger.sqlite"
+    seq = next(e.seq for e in _rows(path) if e.client_id == "gamma" and e.status == "refused")
+    _raw(path).execute("DELETE FROM entries WHERE seq = ?", (seq,))
+    _rehash(path)
+    deleted = audit_mod.findings_of_kind(audit_mod.audit(run), ["row deleted"])
+    assert any("gamma's refused round 3" in f for f in deleted)
+
+
+def test_unfinished_last_reservation_counts_without_a_finding(run_dir):
+    """Honest: alpha reserved round 4 and vanished before answering; the coordinator has no row. The spend
+    counts (the audit reports it), but it is not a cut: a reservation may honestly have no outcome."""
+    eps = rounds_epsilon("prv", 4, 1e-5)
+    common = {"run_id": RUN_ID, "round": 4, "client_id": "alpha", "mechanism": MECH, "delta": 1e-5}
+    with Ledger(run_dir / "clients" / "alpha" / "ledger.sqlite") as own:
+        own.append(make_entry(**common, status="reserved", accountant="prv", epsilon=eps, budget_epsilon=8.0))
+    result = audit_mod.audit(run_dir)
+    assert result.findings == [] and result.ok
+    alpha = result.clients[0]
+    assert alpha.reported_epsilon == eps and alpha.rounds_trained == 3
+    assert math.isclose(alpha.recomputed_epsilon, eps, rel_tol=1e-9)
 
 
 # ---------------------------------------------------------------------------------------------- real run

@@ -3,22 +3,26 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import pytest
 
 from fedllm.accounting import epsilon_of
 from fedllm.budget import STATE_KEY, ClientBudget, plan_mechanism
-from fedllm.config import PrivacyConfig
+from fedllm.config import ClientConfig, FederationConfig, PrivacyConfig, TrainingConfig
 from fedllm.errors import ConfigError
 from fedllm.ledger import Ledger
 
 N, BATCH, STEPS = 800, 32, 20
 
 
-def _plan(privacy: PrivacyConfig, rounds: int):
-    return plan_mechanism(
-        privacy, num_examples=N, batch_size=BATCH, local_steps=STEPS, planned_rounds=rounds, source="client 'a'"
+def _plan(privacy: PrivacyConfig, rounds: int, declared: int | None = None):
+    cfg = replace(
+        FederationConfig(rounds=rounds, num_clients=1, training=TrainingConfig(local_steps=STEPS, batch_size=BATCH)),
+        privacy=privacy,
+        clients=(ClientConfig(id="a", declared_examples=declared),),
     )
+    return plan_mechanism(cfg.client_settings("a"), num_examples=N, source="client 'a'")
 
 
 def _train_round(budget: ClientBudget, mechanism, round_: int) -> bool:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import ipaddress
 import os
 import stat
-from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -136,10 +135,14 @@ def _write_profile(root: Path, consortium: ConsortiumPaths, *, epsilon: object =
 id = "st-marys"
 [data]
 path = "../h.csv"
+declared_examples = 36
 [privacy]
 epsilon = {epsilon}
 delta = 1e-5
 planned_rounds = 2
+[training]
+local_steps = 2
+batch_size = 8
 [node]
 key = "{consortium.node_key("st-marys")}"
 ca = "${{FEDLLM_TEST_CA}}"
@@ -153,7 +156,7 @@ def test_profile_paths_resolve_relative_to_the_file_and_from_env(tmp_path, conso
     paths, _ = consortium
     monkeypatch.setenv("FEDLLM_TEST_CA", str(paths.ca_cert))
     profile = load_profile(_write_profile(tmp_path, paths))
-    assert profile.id == "st-marys" and profile.epsilon == 3.0 and profile.planned_rounds == 2
+    assert profile.id == "st-marys" and profile.epsilon == 3.0 and profile.settings.planned_rounds == 2
     assert profile.data == (tmp_path / "h.csv").resolve()
     assert profile.ca == paths.ca_cert.resolve()
     assert profile.state_dir == (tmp_path / "state" / "st-marys").resolve()
@@ -220,6 +223,7 @@ batch_size = 8
 epsilon = 8.0
 [[clients]]
 id = "st-marys"
+declared_examples = 36
 [[clients]]
 id = "city-general"
 """
@@ -263,7 +267,9 @@ def test_inline_config_rebuilds_the_same_config_on_every_side(tmp_path):
 
 
 def test_run_config_cannot_raise_the_budget_a_profile_sets(tmp_path, consortium, monkeypatch):
-    """The coordinator submits epsilon 100 for st-marys; its profile says 3: the client enforces 3."""
+    """The coordinator submits epsilon 100 for st-marys; its profile says 3: the node refuses the run outright.
+
+    A run that agrees with the profile is served, with the profile's budget, state dir and key."""
     from fedllm.client import client_for
 
     paths, _ = consortium
@@ -273,12 +279,25 @@ def test_run_config_cannot_raise_the_budget_a_profile_sets(tmp_path, consortium,
     greedy, _ = load_config(str(scenario), {"privacy.epsilon": 100.0, "privacy.delta": 1e-3})
     assert greedy.client_privacy("st-marys").epsilon == 100.0
     ctx = _context(profile, to_toml(greedy), tmp_path)
+    with pytest.raises(ConfigError, match=r"privacy\.epsilon = 100 \(this node: 3\); privacy\.delta = 0\.001"):
+        client_for(spec_from_run_config(ctx.run_config), ctx)
+    assert not (tmp_path / "state" / "st-marys" / "ledger.sqlite").exists(), "refused before any spend"
+    honest, _ = load_config(
+        str(scenario),
+        {
+            "clients": [
+                {"id": "st-marys", "epsilon": 3.0, "declared_examples": 36},
+                {"id": "city-general", "epsilon": 100.0},
+            ]
+        },
+    )
+    ctx = _context(profile, to_toml(honest), tmp_path)
     client = client_for(spec_from_run_config(ctx.run_config), ctx)
     assert client.client_id == "st-marys"
     assert (client.privacy.epsilon, client.privacy.delta, client.privacy.planned_rounds) == (3.0, 1e-5, 2)
     assert client.state_dir == (tmp_path / "state" / "st-marys").resolve()
     assert client.signing_key == paths.node_key("st-marys")
-    assert client.config.client_privacy("city-general").epsilon == 100.0, "only this client's entry changes"
+    assert client.config.client_privacy("city-general").epsilon == 100.0, "another member's entry is its own"
     assert len(client.assets.train) + len(client.assets.test) == 40
     # The mechanism it plans spends its own budget over its planned rounds, not the coordinator's.
     from fedllm.accounting import epsilon_of_mechanisms
@@ -319,7 +338,6 @@ def test_profile_agreeing_with_the_run_keeps_its_config_hash(tmp_path, consortiu
     monkeypatch.setenv("FEDLLM_TEST_CA", str(paths.ca_cert))
     profile = _write_profile(tmp_path, paths, epsilon=8.0)
     cfg, _ = load_config(str(_deployed_scenario(tmp_path, central=False)))
-    cfg = replace(cfg, clients=tuple(replace(c, planned_rounds=2) if c.id == "st-marys" else c for c in cfg.clients))
     ctx = _context(profile, to_toml(cfg), tmp_path)
     spec = spec_from_run_config(ctx.run_config)
     client = client_for(spec, ctx)
@@ -365,7 +383,7 @@ def test_example_profiles_match_their_deployment(tmp_path, monkeypatch, scenario
     for member in members:
         profile = load_profile(profiles / f"{member}.toml")
         assert profile.id == member and profile.state_dir == (tmp_path / "home" / ".fedllm" / member).resolve()
-        assert profile.apply_to(cfg) is cfg, "profile and deployment agree, so the config hash is shared"
+        profile.check_run(cfg)  # profile and deployment agree on every privacy setting, or this raises
     split = profile.load_split(cfg)
     assert len(split.train) > 1000 and set(split.train.labels) <= set(range(len(cfg.data.labels)))
 

@@ -2,6 +2,12 @@
 namespace (a bridge and veth pairs made here), with TLS, SuperNode authentication and the default config's
 SecAgg+, started through ``fedllm server``, ``fedllm client`` and ``fedllm run`` exactly as an operator would.
 
+Every process runs from one snapshot of this project tree (``tmp/release``): the release each host has
+installed. A node trusts the bundle it would build from its own tree, so the snapshot keeps the nodes and the
+coordinator on the same release even while the working tree is being edited. The hostile coordinator of
+issue 10 is played twice: with a bundle of its own (one changed line in the client) and with a run config
+that switches DP off. Every node refuses both, and the honest run afterwards trains on the same nodes.
+
 Where network namespaces cannot be made (not root, no ``ip``), the same processes run on loopback ports.
 Every test stops every process it started (by PID, whole trees), deletes its namespaces, and checks that
 nothing it started is left running.
@@ -25,6 +31,7 @@ from pathlib import Path
 
 import psutil
 import pytest
+from support import project_copy
 
 from fedllm.audit import audit
 from fedllm.certs import ConsortiumPaths, make_consortium
@@ -41,6 +48,7 @@ KEYWORDS = {
     "weather": ("rain", "storm", "cloud", "forecast", "wind", "snow"),
 }
 BUDGETS = {"st-marys": 8.0, "city-general": 6.0, "northside": 4.0}
+EXAMPLES = 120  # rows per institution's file, and the size each declares in its profile
 SUBNET = "10.213.{}.{}"
 
 
@@ -139,15 +147,17 @@ class Started:
 class Processes:
     """Everything a test starts, so that ``stop_all`` can end it by PID whatever happened in between."""
 
-    def __init__(self, tmp: Path, topo: Topology):
+    def __init__(self, tmp: Path, topo: Topology, root: Path = ROOT):
         self.tmp = tmp
         self.topo = topo
+        self.root = root  # the project tree every command runs from (python -m puts it first on the path)
         self.started: list[Started] = []
         self.seen: set[int] = set()
         self.env = {
             **os.environ,
             "FLWR_TELEMETRY_ENABLED": "0",
             "HF_HUB_OFFLINE": "1",
+            "FEDLLM_SHARED": os.environ.get("FEDLLM_SHARED", str(ROOT.parent / "shared")),
             "TOKENIZERS_PARALLELISM": "false",
             "PYTHONUNBUFFERED": "1",
             "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
@@ -159,7 +169,7 @@ class Processes:
         with log.open("wb") as out:
             proc = subprocess.Popen(
                 [*self.topo.prefix(host), sys.executable, "-m", "fedllm.cli", *args],
-                cwd=ROOT,
+                cwd=self.root,
                 env=self.env,
                 stdout=out,
                 stderr=subprocess.STDOUT,
@@ -243,7 +253,7 @@ class Processes:
 def world(tmp_path: Path) -> Iterator[tuple[Topology, Processes]]:
     nodes = list(BUDGETS)
     topo = make_topology(nodes)
-    procs = Processes(tmp_path, topo)
+    procs = Processes(tmp_path, topo, project_copy(tmp_path / "release"))
     try:
         yield topo, procs
     finally:
@@ -292,26 +302,41 @@ def make_consortium_files(tmp: Path, topo: Topology, other_ca: bool = False) -> 
     for k, (name, epsilon) in enumerate(BUDGETS.items()):
         site = tmp / "sites" / name
         site.mkdir(parents=True)
-        _csv(site / "records.csv", _rows(120, seed=k))
+        _csv(site / "records.csv", _rows(EXAMPLES, seed=k))
         (site / "profile.toml").write_text(
             f"""[institution]
 id = "{name}"
 [data]
 path = "records.csv"
+declared_examples = {EXAMPLES}
 [privacy]
 epsilon = {epsilon}
 delta = 1e-5
+planned_rounds = 2
+[training]
+local_steps = 5
+batch_size = 16
 [node]
 key = "{certs.node_key(name)}"
 ca = "{certs.ca_cert}"
 state_dir = "state"
 """
         )
-    central = _csv(tmp / "central.csv", _rows(80, seed=99))
-    scenario = tmp / "deployed.toml"
-    clients = "".join(f'[[clients]]\nid = "{n}"\nepsilon = {e}\n' for n, e in BUDGETS.items())
+    _csv(tmp / "central.csv", _rows(80, seed=99))
+    return certs, write_scenario(tmp, "tiny-deployed")
+
+
+def write_scenario(tmp: Path, name: str, privacy: str = "") -> Path:
+    """The deployed scenario, agreeing with every profile on each privacy setting; ``privacy`` adds lines to
+    its ``[privacy]`` table (a hostile coordinator's wishes)."""
+    clients = "".join(
+        f'[[clients]]\nid = "{n}"\nepsilon = {e}\nplanned_rounds = 2\ndeclared_examples = {EXAMPLES}\n'
+        "local_steps = 5\nbatch_size = 16\n"
+        for n, e in BUDGETS.items()
+    )
+    scenario = tmp / f"{name}.toml"
     scenario.write_text(
-        f"""name = "tiny-deployed"
+        f"""name = "{name}"
 rounds = 2
 num_clients = 3
 min_clients = 2
@@ -322,7 +347,7 @@ max_length = 32
 [data]
 source = "nodes"
 labels = {json.dumps(list(LABELS))}
-central_test = "{central}"
+central_test = "{tmp / "central.csv"}"
 [training]
 local_steps = 5
 batch_size = 16
@@ -330,9 +355,10 @@ learning_rate = 1e-2
 [privacy]
 epsilon = 8.0
 delta = 1e-5
+{privacy}
 {clients}"""
     )
-    return certs, scenario
+    return scenario
 
 
 def start_server(procs: Processes, certs: ConsortiumPaths, port: int, nodes: list[str]) -> Started:
@@ -468,3 +494,88 @@ def test_unregistered_key_plain_text_and_a_foreign_ca_are_refused(world, tmp_pat
     nodes = _supernode_list(topo, certs)
     assert len(nodes) == 1, nodes  # registration is the consortium's act alone
     assert [n["status"] for n in nodes] == ["registered"], nodes  # never activated: no node got in
+
+
+# ---------------------------------------------------------------------------------------------- hostile coordinator
+
+HOSTILE_LINE = (
+    '\n__import__("pathlib").Path({marker!r}, __import__("os").environ.get("FLWR_HOME", "-").replace("/", "%"))'
+    '.write_text("the coordinator\'s fedllm/client.py ran here")  # and then: ClientBudget.check = lambda *a: None\n'
+)
+
+
+def _submit(procs: Processes, topo: Topology, certs: ConsortiumPaths, port: int, name: str, *extra: str) -> Started:
+    """``fedllm run`` from the coordinator's host, waited for; its records go to tmp/NAME."""
+    run = procs.fedllm(
+        name,
+        "link",
+        "run",
+        "--superlink",
+        f"{topo.address('link')}:{port}",
+        "--certs",
+        str(certs.root),
+        "--out",
+        str(procs.tmp / name),
+        *extra,
+    )
+    code = procs.wait_exit(run, timeout=900)
+    print(f"{name}: exit {code}")
+    return run
+
+
+def _own_rows(tmp: Path, name: str) -> list:
+    """The rows of an institution's own ledger that spend or train (a refusal row spends nothing)."""
+    own = tmp / "sites" / name / "state" / "ledger.sqlite"
+    if not own.exists():
+        return []
+    with Ledger(own) as ledger:
+        return [e for e in ledger.entries() if e.status != "refused"]
+
+
+@pytest.mark.slow
+def test_every_node_refuses_a_coordinator_that_ships_its_own_code_or_switches_dp_off(world, tmp_path):
+    topo, procs = world
+    started = time.monotonic()
+    certs, scenario = make_consortium_files(tmp_path, topo)
+    dp_off = write_scenario(tmp_path, "dp-off", privacy="enabled = false")
+    marker = tmp_path / "hostile-code-ran"
+    marker.mkdir()
+    hostile = project_copy(
+        tmp_path / "coordinator-copy", {"fedllm/client.py": lambda s: s + HOSTILE_LINE.format(marker=str(marker))}
+    )
+    port = _free_port()
+    start_server(procs, certs, port, list(BUDGETS))
+    nodes = {name: start_client(procs, topo, name, port) for name in BUDGETS}
+
+    # (a) The coordinator's own bundle: the same release with one line changed in the client.
+    _submit(procs, topo, certs, port, "run-bundle", "--scenario", str(scenario), "--app", str(hostile))
+    for name, node in nodes.items():
+        assert f"node {name} refuses run " in node.text() and "is not this node's fedllm" in node.text(), name
+        assert _own_rows(tmp_path, name) == [], f"{name} wrote ledger rows for a refused bundle"
+    ran_at = [p.name for p in marker.iterdir()]
+    assert not [home for home in ran_at if "%sites%" in home], f"the bundle's code ran on a node: {ran_at}"
+    for name in BUDGETS:
+        home = tmp_path / "sites" / name / "state" / "flwr-home"
+        assert not (home / "apps").exists(), f"{name} installed the bundle"  # where Flower would install it
+        assert not (home / "superexec-auth.secret").exists(), "only the runner holds the SuperExec secret"
+    print(f"bundle refused by every node: {time.monotonic() - started:.1f} s")
+
+    # (b) The node's own code, but a run config that switches DP off for everyone.
+    before = {name: len(node.text()) for name, node in nodes.items()}
+    _submit(procs, topo, certs, port, "run-dp-off", "--scenario", str(dp_off))
+    for name, node in nodes.items():
+        said = node.text()[before[name] :]
+        assert "privacy.enabled" in said and "refuses" in said, f"{name} did not refuse DP off:\n{said[-3000:]}"
+        assert _own_rows(tmp_path, name) == [], f"{name} wrote ledger rows for a run with DP off"
+    print(f"DP off refused by every node: {time.monotonic() - started:.1f} s")
+
+    # The honest run afterwards, on the same nodes: trains, within each node's own budget.
+    run = _submit(procs, topo, certs, port, "run-honest", "--scenario", str(scenario))
+    assert run.proc.returncode == 0, run.text()[-6000:]
+    with Ledger(tmp_path / "run-honest" / "ledger.sqlite") as ledger:
+        trained = ledger.entries(status="trained")
+    assert sorted((e.client_id, e.round) for e in trained) == sorted((n, r) for n in BUDGETS for r in (1, 2))
+    for name, budget in BUDGETS.items():
+        rows = [e for e in _own_rows(tmp_path, name) if e.status == "trained"]
+        assert [e.round for e in rows] == [1, 2] and 0 < rows[-1].epsilon <= budget, (name, rows)
+    print(f"honest run trained after both refusals: {time.monotonic() - started:.1f} s wall")

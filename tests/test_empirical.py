@@ -140,6 +140,8 @@ def test_no_noise_fault_removes_the_noise_but_not_its_record(tiny_texts, tokeniz
     honest_large, _ = run(50.0)
     assert any(not np.allclose(a, b) for a, b in zip(honest_small, honest_large, strict=True))
     monkeypatch.setenv("FEDLLM_FAULT_NO_NOISE", "1")
+    monkeypatch.setenv("FEDLLM_TESTING", "1")  # switches work only in a test simulation
+    monkeypatch.setenv("FEDLLM_IN_SIMULATION", "1")
     broken_small, history_small = run(0.5)
     broken_large, history_large = run(50.0)
     assert all(np.allclose(a, b) for a, b in zip(broken_small, broken_large, strict=True))
@@ -243,7 +245,9 @@ def test_missing_noise_is_caught_although_the_ledger_looks_right(tmp_path, capsy
     scenario.write_text(SCENARIO)
     out = tmp_path / "run"
     cmd = [sys.executable, "-m", "fedllm.cli", "simulate", str(scenario), "--quiet", "--out", str(out)]
-    done = subprocess.run(cmd, env={**os.environ, "FEDLLM_FAULT_NO_NOISE": "1"}, capture_output=True, text=True)
+    done = subprocess.run(
+        cmd, env={**os.environ, "FEDLLM_FAULT_NO_NOISE": "1", "FEDLLM_TESTING": "1"}, capture_output=True, text=True
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     result = load_result(out)
     assert result is not None and result.theoretical_epsilon is not None

@@ -12,11 +12,11 @@ from pathlib import Path
 
 import pytest
 
+from fedllm import faults
 from fedllm import metrics as run_metrics
 from fedllm.accounting import epsilon_of_mechanisms
 from fedllm.audit import audit
 from fedllm.cli import main
-from fedllm.client import FAULT_ENV
 from fedllm.ledger import Ledger
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -24,7 +24,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.mark.slow
 def test_a_vanished_client_does_not_stop_the_round(tmp_path, monkeypatch):
-    monkeypatch.setenv(FAULT_ENV, "client-1:2")  # inherited by the Ray workers started below
+    monkeypatch.setenv(faults.TESTING, "1")  # a fault switch works only in a test simulation
+    monkeypatch.setenv(faults.VANISH, "client-1:2")  # inherited by the Ray workers started below
     out = tmp_path / "run"
     assert main(["simulate", "tiny", "--quiet", "--rounds", "3", "--out", str(out)]) == 0
     m = run_metrics.read(out / "metrics.json")

@@ -9,7 +9,7 @@ import math
 import sqlite3
 
 import pytest
-from test_audit import RUN_ID, write_run
+from support import RUN_ID, write_run
 
 from fedllm.audit import read_entries
 from fedllm.metrics import read as read_metrics

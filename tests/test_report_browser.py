@@ -16,7 +16,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from test_audit import write_run
+from support import write_run
 
 from fedllm.report import write_reports
 

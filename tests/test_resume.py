@@ -11,10 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from fedllm import checkpoint
+from fedllm import checkpoint, faults
 from fedllm import metrics as run_metrics
 from fedllm.cli import main
-from fedllm.client import STALL_ENV
 from fedllm.ledger import Ledger
 from fedllm.model import arrays_hash
 
@@ -65,7 +64,7 @@ def test_sigkill_mid_round_then_resume(tmp_path):
     out = tmp_path / "run"
     cmd = [sys.executable, "-m", "fedllm.cli", "simulate", str(_scenario(tmp_path, 4)), "--quiet", "--out", str(out)]
     # client-1 hangs in round 2 after reserving its spend: the kill lands mid-round, whatever the machine's speed
-    env = {**os.environ, STALL_ENV: "client-1:2"}
+    env = {**os.environ, faults.TESTING: "1", faults.STALL: "client-1:2"}
     proc = subprocess.Popen(cmd, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
     try:
         _wait_for_round(out / "metrics.json", 1, proc)

@@ -38,7 +38,7 @@ def test_each_mode_trains_under_dp_and_counts_every_step(mode, tiny_texts, token
         accountant=accountant,
         device=DEVICE,
     )
-    q = 1 / 8  # 120 examples, expected batch 16 -> 8 batches
+    q = 16 / 120  # expected batch over the data's size: the rate the loader draws with and the accountant records
     assert result.sample_rate == q
     assert accountant.history == [(1.0, 0.5, 3), (1.0, q, 4)]
     assert not torch.equal(before, _flat(model))
@@ -88,7 +88,7 @@ def test_an_all_empty_round_still_releases_noise(mode, tiny_texts, tokenizer, mo
         device=DEVICE,
     )
     assert result.empty_batches == 3 and result.examples_seen == 0
-    assert accountant.history == [(1.0, 1 / 8, 3)]
+    assert accountant.history == [(1.0, 16 / 120, 3)]
     assert not torch.equal(before, _flat(model))
 
 
@@ -134,7 +134,7 @@ def test_noise_has_the_std_the_accountant_assumes(sigma, clip, batch, tiny_texts
         accountant=make_accountant("prv"),
         device=DEVICE,
     )
-    expected_batch = int(len(data) * (1 / -(-len(data) // batch)))  # Opacus: n x sample rate
+    expected_batch = batch  # the loader's rate (batch / n) times n
     grads = torch.cat(seen)
     assert len(seen) == 2 and grads.numel() > 4000
     assert float(grads.mean()) == pytest.approx(0.0, abs=0.08 * sigma * clip / expected_batch)

@@ -1,0 +1,154 @@
+"""``fedllm export RUN_DIR --out DIR``: the run's final global model as a Hugging Face model directory.
+
+The run directory holds the trainable tensors only (``checkpoint.npz``, by parameter name) and the config
+that built the frozen rest. Export rebuilds the model exactly as every node did, loads the tensors by name,
+and writes what ``transformers`` reads with no fedllm installed:
+
+* ``--merged`` (default): LoRA folded into the weights; ``config.json`` (with ``id2label``/``label2id``),
+  ``model.safetensors`` and the tokenizer. ``transformers.pipeline("text-classification", model=DIR)``.
+* ``--adapter`` (LoRA runs only): a PEFT adapter (``adapter_config.json`` names the base checkpoint,
+  ``adapter_model.safetensors`` holds LoRA and the whole head) plus the tokenizer and ``labels.json``;
+  load with ``peft.AutoPeftModelForSequenceClassification.from_pretrained(DIR, num_labels=N)``.
+
+Both carry ``README.md``, the model card (:mod:`fedllm.model_card`), and ``fedllm_export.json``, the
+provenance (run, round, checkpoint hash) that ties the directory to the run's ledger.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from fedllm import checkpoint
+from fedllm.config import FederationConfig, from_dict, read_toml
+from fedllm.errors import ConfigError, FedllmError
+from fedllm.model import TINY_BERT, _checkpoint, build_model, load_tokenizer, set_trainable, trainable_names
+
+PROVENANCE = "fedllm_export.json"
+LABELS = "labels.json"
+KINDS = ("merged", "adapter")
+
+
+@dataclass
+class RunModel:
+    """The run's final global model, rebuilt: ``model`` is in eval mode with the checkpoint's tensors."""
+
+    config: FederationConfig
+    model: nn.Module
+    labels: tuple[str, ...]
+    ckpt: checkpoint.Checkpoint
+
+
+def load_run_model(run_dir: Path) -> RunModel:
+    """Rebuild the model every node built and load the last checkpoint into it, matched by name."""
+    run_dir = Path(run_dir)
+    cfg_path = run_dir / "config.toml"
+    if not cfg_path.is_file():
+        raise FedllmError(f"{run_dir}: no config.toml here; not a fedllm run directory")
+    cfg = from_dict(read_toml(cfg_path), source=str(cfg_path))
+    ckpt = checkpoint.load(run_dir)
+    checkpoint.require_names(ckpt, run_dir)
+    if cfg.model.mode == "head":
+        raise FedllmError(
+            f"{run_dir}: a head-mode run trains a head on precomputed features; export supports lora,"
+            " last-layers and full runs"
+        )
+    model = build_model(cfg.model, len(ckpt.labels))
+    names = trainable_names(model)
+    if names != list(ckpt.names):
+        differ = next((f"{a} vs {b}" for a, b in zip(names, ckpt.names, strict=False) if a != b), "their number")
+        raise FedllmError(
+            f"{run_dir / checkpoint.FILE}: its {len(ckpt.names)} tensors do not match the {len(names)} trainable"
+            f" tensors {cfg_path.name} builds (first difference: {differ}); was the base checkpoint changed?"
+        )
+    set_trainable(model, ckpt.arrays)
+    model.eval()
+    return RunModel(config=cfg, model=model, labels=ckpt.labels, ckpt=ckpt)
+
+
+def _label_maps(labels: tuple[str, ...]) -> tuple[dict[int, str], dict[str, int]]:
+    return dict(enumerate(labels)), {name: i for i, name in enumerate(labels)}
+
+
+def _tokenizer(cfg: FederationConfig):
+    """A copy (the loaded one is cached and shared) that truncates as training did."""
+    tok = copy.deepcopy(load_tokenizer(cfg.model.name))
+    tok.model_max_length = cfg.model.max_length
+    return tok
+
+
+def _prepare_out(out: Path) -> None:
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise ConfigError(f"--out: {out} already exists and is not an empty directory; choose another")
+    out.mkdir(parents=True, exist_ok=True)
+
+
+def export(run_dir: Path, out: Path, kind: str = "merged") -> Path:
+    """Write the model directory ``out``; returns it. Nothing is written if the run cannot be exported."""
+    if kind not in KINDS:
+        raise ConfigError(f"export: kind must be one of {', '.join(KINDS)}, got {kind!r}")
+    run_dir, out = Path(run_dir), Path(out)
+    rm = load_run_model(run_dir)
+    cfg, model = rm.config, rm.model
+    is_lora = cfg.model.mode == "lora"
+    if kind == "adapter":
+        if not is_lora:
+            raise ConfigError(f"--adapter: the run trained in '{cfg.model.mode}' mode, not LoRA; export --merged")
+        if cfg.model.name == TINY_BERT:
+            raise ConfigError("--adapter: tiny-bert is built in memory and has no checkpoint to name as the base")
+    from fedllm.model_card import render_model_card
+
+    id2label, label2id = _label_maps(rm.labels)
+    _prepare_out(out)
+    base_path = str(Path(_checkpoint(cfg.model.name)).resolve()) if cfg.model.name != TINY_BERT else TINY_BERT
+    if kind == "merged":
+        plain = model.merge_and_unload() if is_lora else model
+        plain.config.id2label, plain.config.label2id = id2label, label2id
+        plain.config.architectures = [type(plain).__name__]
+        plain.save_pretrained(out)
+    else:
+        model.get_base_model().config.id2label = id2label
+        model.get_base_model().config.label2id = label2id
+        model.peft_config["default"].base_model_name_or_path = base_path
+        model.save_pretrained(out)
+        (out / LABELS).write_text(json.dumps({"id2label": id2label, "label2id": label2id}, indent=2) + "\n")
+    _tokenizer(cfg).save_pretrained(out)
+    provenance: dict[str, Any] = {
+        "format": kind,
+        "run_dir": str(run_dir.resolve()),
+        "run_id": rm.ckpt.run_id,
+        "round": rm.ckpt.round,
+        "config_hash": rm.ckpt.config_hash,
+        "base_model": base_path,
+        "mode": cfg.model.mode,
+        "max_length": cfg.model.max_length,
+        "labels": list(rm.labels),
+    }
+    (out / PROVENANCE).write_text(json.dumps(provenance, indent=2) + "\n")
+    (out / "README.md").write_text(render_model_card(run_dir, provenance), encoding="utf-8")
+    return out
+
+
+def register(subparsers: Any) -> argparse.ArgumentParser:
+    parser = subparsers.add_parser(
+        "export", help="write a run's final model as a Hugging Face model directory (with a model card)"
+    )
+    parser.add_argument("run_dir", type=Path, metavar="RUN_DIR")
+    parser.add_argument("--out", type=Path, required=True, metavar="DIR", help="a new or empty directory")
+    kind = parser.add_mutually_exclusive_group()
+    kind.add_argument("--merged", dest="kind", action="store_const", const="merged", help="full weights (default)")
+    kind.add_argument("--adapter", dest="kind", action="store_const", const="adapter", help="a PEFT adapter (LoRA)")
+    parser.set_defaults(handler=run, kind="merged")
+    return parser
+
+
+def run(args: argparse.Namespace) -> int:
+    out = export(args.run_dir, args.out, args.kind)
+    print(f"exported {args.kind} model of {args.run_dir} to {out}")
+    return 0

@@ -1,0 +1,151 @@
+"""``fedllm predict MODEL_DIR``: labels and scores from an exported model, the way a server would serve it.
+
+It loads the directory with plain ``transformers`` (and ``peft`` for an adapter export), exactly as a user
+without fedllm would, so what it prints is what a deployed ``pipeline`` returns. Scores are softmax
+probabilities over the model's labels.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from fedllm.errors import ConfigError, FedllmError
+
+CSV_ENCODING = "utf-8-sig"  # a BOM from a spreadsheet export is not part of the first column's name
+
+
+@dataclass(frozen=True)
+class Prediction:
+    text: str
+    label: str
+    score: float
+    scores: dict[str, float]  # every label's probability
+
+
+def _is_model_dir(path: Path) -> str | None:
+    """'merged', 'adapter' or None."""
+    if (path / "adapter_config.json").is_file():
+        return "adapter"
+    if (path / "config.json").is_file():
+        return "merged"
+    return None
+
+
+def load_pipeline(model_dir: Path):
+    """A ``text-classification`` pipeline over ``model_dir``; one line naming the directory if it is no model."""
+    model_dir = Path(model_dir)
+    kind = _is_model_dir(model_dir) if model_dir.is_dir() else None
+    if kind is None:
+        what = "does not exist" if not model_dir.exists() else "has no config.json or adapter_config.json"
+        raise FedllmError(f"{model_dir}: not a model directory ({what}); give the --out of `fedllm export`")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer, pipeline
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        if kind == "merged":
+            model = AutoModelForSequenceClassification.from_pretrained(model_dir)
+        else:
+            from peft import AutoPeftModelForSequenceClassification
+
+            from fedllm.export import LABELS
+
+            maps = json.loads((model_dir / LABELS).read_text())
+            id2label = {int(k): v for k, v in maps["id2label"].items()}
+            model = AutoPeftModelForSequenceClassification.from_pretrained(
+                model_dir, num_labels=len(id2label), id2label=id2label, label2id=maps["label2id"]
+            )
+    except (OSError, ValueError, KeyError, RuntimeError) as exc:
+        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise FedllmError(f"{model_dir}: cannot load the model ({reason})") from exc
+    model.eval()
+    return pipeline("text-classification", model=model, tokenizer=tokenizer)
+
+
+def predict(model_dir: Path, texts: list[str], batch_size: int = 32) -> list[Prediction]:
+    if not texts:
+        return []
+    classify = load_pipeline(model_dir)
+    outputs = classify(texts, top_k=None, truncation=True, batch_size=batch_size)
+    result = []
+    for text, scores in zip(texts, outputs, strict=True):
+        by_label = {s["label"]: float(s["score"]) for s in scores}
+        best = max(scores, key=lambda s: s["score"])
+        result.append(Prediction(text=text, label=best["label"], score=float(best["score"]), scores=by_label))
+    return result
+
+
+def read_texts(path: Path, column: str) -> list[str]:
+    """The ``column`` of a CSV file, row by row; a missing column or an empty cell is one clear line."""
+    try:
+        with open(path, newline="", encoding=CSV_ENCODING) as fh:
+            reader = csv.DictReader(fh)
+            if reader.fieldnames is None or column not in reader.fieldnames:
+                have = ", ".join(reader.fieldnames or []) or "none"
+                raise ConfigError(f"{path}: no column '{column}' (columns: {have})")
+            texts = []
+            for row in reader:
+                value = row.get(column)
+                if value is None or not value.strip():
+                    raise ConfigError(f"{path}: row {reader.line_num}: empty '{column}'")
+                texts.append(value)
+            return texts
+    except FileNotFoundError:
+        raise ConfigError(f"--file: {path} not found") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+
+
+def write_predictions(predictions: list[Prediction], out: Path | None) -> None:
+    """CSV (``--out x.csv``), JSON Lines (any other ``--out``), or tab-separated lines on stdout."""
+    if out is None:
+        for p in predictions:
+            print(f"{p.label}\t{p.score:.4f}\t{p.text}")
+        return
+    labels = list(predictions[0].scores) if predictions else []
+    if out.suffix.lower() == ".csv":
+        with open(out, "w", newline="", encoding="utf-8") as fh:
+            writer = csv.writer(fh)
+            writer.writerow(["text", "label", "score", *[f"score:{name}" for name in labels]])
+            for p in predictions:
+                writer.writerow([p.text, p.label, f"{p.score:.6f}", *[f"{p.scores[n]:.6f}" for n in labels]])
+    else:
+        with open(out, "w", encoding="utf-8") as fh:
+            for p in predictions:
+                row: dict[str, Any] = {"text": p.text, "label": p.label, "score": p.score, "scores": p.scores}
+                fh.write(json.dumps(row, ensure_ascii=False) + "\n")
+
+
+def register(subparsers: Any) -> argparse.ArgumentParser:
+    parser = subparsers.add_parser("predict", help="classify text with an exported model (labels and scores)")
+    parser.add_argument("model_dir", type=Path, metavar="MODEL_DIR")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--text", help="one text to classify")
+    source.add_argument("--file", type=Path, metavar="F.csv", help="a CSV file of texts (with --text-column)")
+    parser.add_argument("--text-column", metavar="C", help="the CSV column holding the text")
+    parser.add_argument("--out", type=Path, metavar="F", help="write F.csv, or JSON Lines; default: print")
+    parser.set_defaults(handler=run)
+    return parser
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.file is not None and not args.text_column:
+        raise ConfigError("--file: needs --text-column C, the column holding the text")
+    if args.text is not None and args.text_column:
+        raise ConfigError("--text-column: only with --file")
+    texts = [args.text] if args.text is not None else read_texts(args.file, args.text_column)
+    predictions = predict(args.model_dir, texts)
+    write_predictions(predictions, args.out)
+    if args.out is not None:
+        print(f"{len(predictions)} prediction(s) written to {args.out}", file=sys.stderr)
+    return 0

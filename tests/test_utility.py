@@ -1,0 +1,216 @@
+"""Private models worth having: head mode on frozen features, virtual steps, and DP utility on real text.
+
+The privacy claims of head mode are tested so that they would fail if false: the encoder is bit-identical
+after training and serving, and every tensor that leaves a node carries DP noise (two runs that differ
+only in their noise differ in every travelling tensor, at the noise's scale).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+
+import pytest
+import torch
+
+from fedllm.accounting import calibrate_noise, epsilon_of, make_accountant
+from fedllm.config import ModelConfig
+from fedllm.data import DataConfig, TextDataset, load_federated
+from fedllm.features import FeatureDataset, encoder, features, node_dataset
+from fedllm.model import build_model, get_trainable
+from fedllm.paths import shared_data_dir
+from fedllm.training import DPSettings, TokenizedDataset, evaluate, train_dp
+
+CPU = torch.device("cpu")
+TINY_HEAD = ModelConfig(name="tiny-bert", mode="head", max_length=32)
+INTENTS = ["age_limit", "apple_pay_or_google_pay", "terminate_account", "change_pin"]
+HAS_BANKING77 = (shared_data_dir() / "banking77" / "train.csv").is_file()
+
+
+@pytest.fixture(autouse=True)
+def _own_feature_cache(tmp_path, monkeypatch):
+    """Each test's features on disk are its own: no test passes on another's cached vectors."""
+    monkeypatch.setenv("FEDLLM_FEATURES", str(tmp_path / "features"))
+
+
+def _state_digest(module: torch.nn.Module) -> str:
+    h = hashlib.sha256()
+    for name, t in sorted(module.state_dict().items()):
+        h.update(name.encode())
+        h.update(t.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+# -------------------------------------------------------------------------------------------- features
+
+
+def test_features_are_normalised_cached_on_disk_and_reused(tiny_texts, tmp_path):
+    from fedllm import features as feats
+
+    first = features(TINY_HEAD, tiny_texts.texts)
+    assert first.shape == (len(tiny_texts), 32)
+    assert torch.allclose(torch.from_numpy(first).norm(dim=1), torch.ones(len(tiny_texts)), atol=1e-5)
+    shards = list((tmp_path / "features").rglob("*.npz"))
+    assert len(shards) == 1
+    feats._memory.clear()  # a new process: the vectors come back from disk, identical
+    again = features(TINY_HEAD, tiny_texts.texts[::-1])
+    assert (again[::-1] == first).all()
+    assert list((tmp_path / "features").rglob("*.npz")) == shards  # nothing recomputed
+    # another max_length is another encoder input: a separate store
+    assert feats.encoder_key(TINY_HEAD) != feats.encoder_key(ModelConfig(name="tiny-bert", max_length=16))
+
+
+def test_head_mode_trains_only_the_head_and_the_encoder_is_bit_identical(tiny_texts):
+    body = encoder(ModelConfig(name="tiny-bert", max_length=32))
+    before = _state_digest(body)
+    head = build_model(TINY_HEAD, num_labels=2)
+    assert [a.shape for a in get_trainable(head)] == [(2, 32), (2,)]  # only the head travels
+    data = node_dataset(TINY_HEAD, tiny_texts)
+    assert isinstance(data, FeatureDataset)
+    accountant = make_accountant("prv")
+    train_dp(
+        head,
+        data,
+        steps=30,
+        batch_size=32,
+        learning_rate=0.1,
+        dp=DPSettings(1.0, 1.0, "head"),
+        accountant=accountant,
+        device=CPU,
+    )
+    _, acc = evaluate(head, data, batch_size=64, device=CPU)
+    assert _state_digest(body) == before
+    assert not any(p.requires_grad for p in body.parameters())
+    # and a node that rebuilds the encoder from scratch gets the very same weights
+    encoder.cache_clear()
+    assert _state_digest(encoder(ModelConfig(name="tiny-bert", max_length=32))) == before
+    assert accountant.history == [(1.0, 32 / 120, 30)]
+    assert acc > 0.5
+
+
+def _head_update(data: FeatureDataset, seed: int, noise: float) -> list[torch.Tensor]:
+    """One local round from a zero head with full-batch sampling (rate 1): only the noise is random."""
+    head = build_model(TINY_HEAD, num_labels=2)
+    start = [torch.as_tensor(a) for a in get_trainable(head)]
+    train_dp(
+        head,
+        data,
+        steps=3,
+        batch_size=len(data),
+        learning_rate=0.05,
+        dp=DPSettings(noise, 1.0, "head", sample_rate=1.0),
+        accountant=make_accountant("prv"),
+        device=CPU,
+        generator=torch.Generator().manual_seed(seed),
+    )
+    return [torch.as_tensor(a) - s for a, s in zip(get_trainable(head), start, strict=True)]
+
+
+def test_every_tensor_that_travels_is_noised(tiny_texts):
+    """With every example in every batch, two runs differ only by their noise. Each travelling tensor must
+    differ between them in (almost) every entry; a tensor sent without DP would be equal in both."""
+    data = node_dataset(TINY_HEAD, tiny_texts)
+    a, b = _head_update(data, 1, 1.0), _head_update(data, 2, 1.0)
+    quiet_a, quiet_b = _head_update(data, 1, 1e-9), _head_update(data, 2, 1e-9)
+    assert len(a) == len(get_trainable(build_model(TINY_HEAD, num_labels=2)))
+    for t_a, t_b, q_a, q_b in zip(a, b, quiet_a, quiet_b, strict=True):
+        assert (t_a != t_b).float().mean() > 0.95  # noise reaches every entry
+        # and it is what makes them differ: without it the runs (nearly) agree (AdamW magnifies even 1e-9
+        # of noise on entries whose gradient is about zero, so "nearly")
+        assert (t_a - t_b).abs().mean() > 10 * (q_a - q_b).abs().mean()
+
+
+# ------------------------------------------------------------------------------------------ virtual steps
+
+
+def test_virtual_steps_account_one_step_per_logical_batch_at_its_rate(tiny_texts, tokenizer):
+    model = build_model(ModelConfig(name="tiny-bert", mode="lora", max_length=32), num_labels=2)
+    data = TokenizedDataset(tiny_texts, tokenizer, 32)
+    q, steps, sigma = 0.5, 4, 1.1  # expected logical batch 60, physical batches of at most 8
+    rows: list[int] = []
+    handle = model.register_forward_pre_hook(
+        lambda _m, args, kwargs: rows.append(kwargs["input_ids"].shape[0]), with_kwargs=True
+    )
+    accountant = make_accountant("prv", [(0.9, 0.25, 2)])  # spend from an earlier round
+    result = train_dp(
+        model,
+        data,
+        steps=steps,
+        batch_size=60,
+        learning_rate=1e-2,
+        dp=DPSettings(sigma, 1.0, "lora", sample_rate=q),
+        accountant=accountant,
+        device=CPU,
+        max_physical_batch=8,
+    )
+    handle.remove()
+    assert max(rows) <= 8
+    assert len(rows) >= 3 * steps  # ~60 rows per logical batch came in chunks
+    assert result.steps == steps and result.sample_rate == q
+    assert result.examples_seen == sum(rows)
+    assert accountant.history == [(0.9, 0.25, 2), (sigma, q, steps)]
+    fresh = make_accountant("prv", [(0.9, 0.25, 2), (sigma, q, steps)])
+    eps_live = accountant.get_epsilon(delta=1e-5, eps_error=0.01)
+    eps_fresh = fresh.get_epsilon(delta=1e-5, eps_error=0.01)
+    assert math.isclose(eps_live, eps_fresh, rel_tol=1e-6)
+    assert math.isclose(epsilon_of("prv", accountant.history, 1e-5), eps_fresh, rel_tol=1e-6)
+
+
+# ------------------------------------------------------------------------------------------ real utility
+
+
+def _banking4():
+    cfg = DataConfig(
+        source="banking77", keep_labels=tuple(INTENTS), partition="iid", test_fraction=0.0, max_central_test=200
+    )
+    fed = load_federated(cfg, ["node"], seed=0)
+    train = fed.clients[0].train
+    majority = max(fed.central_test.labels.count(k) for k in range(len(INTENTS))) / len(fed.central_test)
+    return train, fed.central_test, majority
+
+
+def _dp_accuracy(mode: str, train: TextDataset, test: TextDataset, *, steps: int, batch: int, lr: float) -> float:
+    cfg = ModelConfig(name="minilm", mode=mode, max_length=32)
+    model = build_model(cfg, num_labels=len(INTENTS))
+    data = node_dataset(cfg, train)
+    q = batch / len(data)
+    sigma = calibrate_noise(target_epsilon=8.0, delta=1e-5, sample_rate=q, total_steps=steps, accountant="prv")
+    accountant = make_accountant("prv")
+    torch.manual_seed(0)
+    train_dp(
+        model,
+        data,
+        steps=steps,
+        batch_size=batch,
+        learning_rate=lr,
+        dp=DPSettings(sigma, 1.0, mode, sample_rate=q),
+        accountant=accountant,
+        device=CPU,
+        max_physical_batch=None if mode == "head" else 32,
+    )
+    assert epsilon_of("prv", accountant.history, 1e-5) <= 8.0 + 0.01
+    return evaluate(model, node_dataset(cfg, test), batch_size=64, device=CPU)[1]
+
+
+SETTINGS = {  # chosen on this public subset; the full-size recipe is in benchmarks/dp_recipe.py
+    "head": {"steps": 60, "batch": 128, "lr": 0.1},
+    "lora": {"steps": 24, "batch": 64, "lr": 1e-2},
+    "last-layers": {"steps": 24, "batch": 64, "lr": 1e-3},
+    "full": {"steps": 16, "batch": 64, "lr": 1e-4},
+}
+
+
+@pytest.mark.skipif(not HAS_BANKING77, reason=f"Banking77 not found under {shared_data_dir()} (set FEDLLM_SHARED)")
+@pytest.mark.parametrize(
+    "mode",
+    [
+        "head",
+        pytest.param("lora", marks=pytest.mark.slow),
+        pytest.param("last-layers", marks=pytest.mark.slow),
+        pytest.param("full", marks=pytest.mark.slow),
+    ],
+)
+def test_each_dp_mode_at_epsilon_8_is_far_above_the_majority_share(mode):
+    train, test, majority = _banking4()
+    acc = _dp_accuracy(mode, train, test, **SETTINGS[mode])
+    assert acc >= majority + 0.30, f"{mode}: {acc:.3f} vs majority share {majority:.3f}"
