@@ -95,6 +95,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--rounds", type=int, default=1000)
     parser.add_argument("--local-steps", type=int, default=20)
+    parser.add_argument("--kinds", nargs="+", default=["pld", "prv", "rdp"], choices=["pld", "prv", "rdp"])
+    parser.add_argument("--name", default="accounting", help="results file name (benchmarks/results/NAME.json)")
     args = parser.parse_args()
     quiet_env()
     warnings.filterwarnings("ignore")
@@ -105,7 +107,7 @@ def main() -> None:
     total = args.rounds * args.local_steps
     rows, out = [], {"rounds": args.rounds, "local_steps": args.local_steps, "sample_rate": q, "delta": DELTA}
 
-    kinds = ("pld", "prv", "rdp")
+    kinds = tuple(args.kinds)
     for kind in kinds:
         merged = [(sigma, q, total)]
         times, eps = [], 0.0
@@ -128,7 +130,8 @@ def main() -> None:
 
     # Distinct consecutive entries (alternating sigma): cost grows with the number of entries.
     growth: dict[str, list[dict[str, float]]] = {kind: [] for kind in kinds}
-    for kind, sizes in (("pld", (1, 100, 1000)), ("prv", (1, 10, 30)), ("rdp", (1, 100, 1000))):
+    sizes_of = {"pld": (1, 100, 1000), "prv": (1, 10, 30), "rdp": (1, 100, 1000)}
+    for kind, sizes in ((k, sizes_of[k]) for k in kinds):
         for n in sizes:
             hist = [(sigma + 0.001 * (i % 2), q, args.local_steps) for i in range(n)]
             dt, eps = _cold_epsilon(kind, hist)
@@ -150,33 +153,36 @@ def main() -> None:
             out[f"calibrate_{kind}_{steps}"] = {"seconds": s, "sigma": sig}
             rows.append([f"calibrate_noise eps=8 ({kind}, {label})", fmt(s, 3, " s"), f"sigma={sig:.3f}"])
 
-    # What a second process pays for the same schedule: the disk cache (budget._calibrated's path).
-    from fedllm.accounting import cached_calibration
+    if "pld" in kinds:
+        rows += _pld_extras(out, q, total, args)
+    print(table(["what", "time median [min-max]", "value"], rows))
+    print(f"\nwrote {write(args.name, out)}")
 
+
+def _pld_extras(out: dict, q: float, total: int, args: argparse.Namespace) -> list[list[str]]:
+    """A second process' calibration (the disk cache: budget._calibrated's path), and pld against the fine
+    reference over the calibrated schedule (it must be >= the reference and <= 1 % above)."""
+    from fedllm.accounting import Mechanism, cached_calibration, dp_accounting_epsilon, epsilon_of
+
+    rows = []
     with tempfile.TemporaryDirectory() as tmp:
         os.environ["FEDLLM_CACHE"] = tmp
-        args_ = {"target_epsilon": 8.0, "delta": DELTA, "sample_rate": q, "total_steps": total, "accountant": "pld"}
-        cached_calibration(**args_)
+        kwargs = {"target_epsilon": 8.0, "delta": DELTA, "sample_rate": q, "total_steps": total, "accountant": "pld"}
+        cached_calibration(**kwargs)
         times = []
         for _ in range(args.repeats):
             start = time.perf_counter()
-            cached_calibration(**args_)
+            cached_calibration(**kwargs)
             times.append(time.perf_counter() - start)
         s = spread(times)
         out["calibration_disk_cache_hit"] = {"seconds": s}
         rows.append([f"calibrate (pld, {args.rounds} x {args.local_steps}), disk cache hit", fmt(s, 4, " s"), ""])
-
-    # The pld accountant against the fine reference over the calibrated schedule (it must be >= and <= +1 %).
-    from fedllm.accounting import Mechanism, dp_accounting_epsilon, epsilon_of
-
     sig = out[f"calibrate_pld_{total}"]["sigma"]
     ours = epsilon_of("pld", [(sig, q, total)], DELTA)
     reference = dp_accounting_epsilon([Mechanism(sig, q, total, 1.0)], DELTA)
     out["pld_vs_reference"] = {"pld": ours, "reference_1e-4": reference, "relative": ours / reference - 1}
     rows.append(["pld vs dp-accounting PLD at 1e-4 (calibrated schedule)", "", f"{ours / reference - 1:+.3%}"])
-
-    print(table(["what", "time median [min-max]", "value"], rows))
-    print(f"\nwrote {write('accounting', out)}")
+    return rows
 
 
 if __name__ == "__main__":

@@ -349,6 +349,73 @@ def cmd_curve(args: argparse.Namespace) -> None:
     print(f"wrote {path}")
 
 
+def cmd_figure(args: argparse.Namespace) -> None:
+    """One SVG from the results on disk: the curve runs (seed 0) where present, else the targets table's
+    epsilon 3 and 8 means; dashed, each federation's non-private FedAvg."""
+    from fedllm.compare import svg_curve
+
+    series: dict[str, tuple[list[tuple[float, float]], float | None]] = {}
+    curve = RESULTS / "dp_recipe_curve.json"
+    if curve.is_file():
+        for name, v in json.loads(curve.read_text())["series"].items():
+            series[name] = ([tuple(p) for p in v["points"]], v["non_private"])
+    for path in sorted(RESULTS.glob("dp_recipe_table_*.json")):
+        for name, res in json.loads(path.read_text())["results"].items():
+            if name in series:
+                continue
+            s = res["summary"]
+            pts = [(float(k[3:]), s[k]["test_accuracy"]["mean"]) for k in s if k.startswith("eps")]
+            series[name] = (pts, s["fedavg"]["test_accuracy"]["mean"])
+    Path(args.out).write_text(svg_curve(series, title="central test accuracy vs epsilon (DP FedAvg, head mode)"))
+    print(f"wrote {args.out}")
+
+
+# ------------------------------------------------------------------------------------------ default run
+
+
+def cmd_default(args: argparse.Namespace) -> None:
+    """The default run as a new user starts it, ``fedllm simulate`` (hospitals, SecAgg+ on), DP then
+    ``--no-dp``: wall time and the CPU time of the whole process tree (Ray's workers included), final
+    accuracy, each client's epsilon. ``--cold`` starts from an empty feature cache (the first run on a
+    machine embeds every text once); the no-DP run after it finds the features cached."""
+    import os
+    import subprocess
+    import sys
+    import tempfile
+
+    from benchmarks._proctree import run_tree
+
+    out = Path(args.out)
+    env = dict(os.environ)
+    if args.cold:
+        env["FEDLLM_FEATURES"] = tempfile.mkdtemp(prefix="fedllm-features-")
+    fedllm = [sys.executable, "-m", "fedllm.cli", "simulate", *args.scenario, "--quiet"]
+    record: dict[str, Any] = {"cold_feature_cache": args.cold}
+    for label, flags in (("dp", []), ("no_dp", ["--no-dp"])):
+        run_dir = out / label
+        subprocess.run(["rm", "-rf", str(run_dir)], check=True)
+        load_before = os.getloadavg()
+        tree = run_tree([*fedllm, "--out", str(run_dir), *flags], env=env, interval=1.0)
+        if tree.returncode != 0:
+            raise SystemExit(f"{label} failed:\n{tree.output[-3000:]}")
+        m = json.loads((run_dir / "metrics.json").read_text())
+        record[label] = {
+            "command": " ".join(["fedllm simulate", *args.scenario, "--out", str(run_dir), *flags]),
+            "wall_s": tree.wall_s,
+            "tree_cpu_s": tree.cpu_s,
+            "peak_pss_mb": tree.peak_pss_mb,
+            "loadavg_before": load_before,
+            "loadavg_after": os.getloadavg(),
+            "initial_accuracy": m["initial_accuracy"],
+            "accuracy_per_round": [r["accuracy"] for r in m["rounds"]],
+            "client_epsilon": {
+                cid: c.get("epsilon") for cid, c in m["rounds"][-1]["clients"].items() if c.get("epsilon") is not None
+            },
+        }
+        print(label, json.dumps(record[label]), flush=True)
+        write("dp_recipe_default_run", record)
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     quiet_env()
     import torch
@@ -376,6 +443,14 @@ def main(argv: Sequence[str] | None = None) -> None:
     c.add_argument("--seed", type=int, default=0)
     c.add_argument("--recipes")
     c.set_defaults(fn=cmd_curve)
+    f = sub.add_parser("figure")
+    f.add_argument("--out", default="docs/dp_utility_curve.svg")
+    f.set_defaults(fn=cmd_figure)
+    d = sub.add_parser("default")
+    d.add_argument("scenario", nargs="*", default=[], help="scenario (default: fedllm's default, hospitals)")
+    d.add_argument("--out", default="runs/dp-recipe-default")
+    d.add_argument("--cold", action="store_true", help="start from an empty feature cache")
+    d.set_defaults(fn=cmd_default)
     args = parser.parse_args(argv)
     args.fn(args)
 

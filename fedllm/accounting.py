@@ -140,6 +140,8 @@ def _adaptive_pld_epsilon(history: tuple[tuple[float, float, int], ...], delta: 
     fine = h / 2
     while True:
         e_fine = pld_epsilon(history, delta, fine)
+        if not math.isfinite(e_fine):  # a noise-free step: no interval makes it finite
+            return e_fine
         error = abs(e_h - e_fine) * fine**2 / (h**2 - fine**2)
         if error <= PLD_REL_ERROR * e_fine or fine <= MIN_PLD_INTERVAL:
             return e_fine
@@ -193,7 +195,7 @@ def epsilon_of(kind: str, history: Sequence[tuple[float, float, int]], delta: fl
 
 @lru_cache(maxsize=1024)
 def _epsilon_cached(kind: str, history: tuple[tuple[float, float, int], ...], delta: float) -> float:
-    """A pure function of its arguments, and a PRV evaluation costs ~0.1 s: a client asks for the same
+    """A pure function of its arguments, and an evaluation costs 0.1-4 s: a client asks for the same
     history up to three times a round (spent, projected, reported)."""
     if not history:
         return 0.0
@@ -228,8 +230,9 @@ def calibrate_noise(
     Calibrating once for rounds x local steps (rather than per round) is what makes the budget last the
     whole run. The answer is always checked with exactly :func:`epsilon_of` (the function that later
     meters the spend), so the schedule provably fits, and lies within ``CALIBRATION_TOLERANCE`` below the
-    target. For "pld" a search at one fixed interval (one PLD each, where :func:`epsilon_of` needs two or
-    three) finds the neighbourhood and the local slope first; the real accountant then needs a step or two.
+    target. For "pld" a search on single PLD evaluations at an interval set from sigma (where
+    :func:`epsilon_of` needs two or three) finds the neighbourhood and the local slope first; the real
+    accountant then needs a step or two.
     """
 
     def schedule(sigma: float) -> tuple[tuple[float, float, int]]:

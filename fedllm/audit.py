@@ -651,7 +651,7 @@ def _audit_client(
         allowed = max(tolerance * independent, PRV_EPS_ERROR)
         understated = reported < independent - allowed
         # RDP is a looser upper bound than PLD: for it only an understatement is a mismatch.
-        if understated or (kind == "prv" and diff > allowed):
+        if understated or (kind in ("prv", "pld") and diff > allowed):
             out.add(
                 EPSILON_MISMATCH,
                 f"client {cid} reports final epsilon {_fmt(reported)}, dp-accounting PLD gives {_fmt(independent)}"

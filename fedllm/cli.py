@@ -15,6 +15,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+import fedllm
 from fedllm.errors import ConfigError, FedllmError
 
 EXIT_USAGE = 2
@@ -55,6 +56,7 @@ class _Parser(argparse.ArgumentParser):
 
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="fedllm", description="Federated DP fine-tuning of BERT classifiers.")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {fedllm.__version__}")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     sim = sub.add_parser("simulate", help="run a scenario with simulated clients on this machine")
     sim.add_argument("scenario", nargs="?", default=None, help="a TOML path or built-in name (default: hospitals)")

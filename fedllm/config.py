@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import importlib.resources
 import math
 import tomllib
 import types
@@ -23,10 +24,20 @@ from fedllm.data import DataConfig
 from fedllm.errors import ConfigError
 from fedllm.paths import PROJECT_ROOT
 
-SCENARIO_DIR = PROJECT_ROOT / "simulations"
+
+def _scenario_dir() -> Path:
+    """Built-in scenarios: package data ``fedllm.scenarios`` in any install (wheel or editable), which
+    pyproject.toml maps to the checkout's ``simulations/``; that folder itself where fedllm runs uninstalled."""
+    try:
+        return Path(str(importlib.resources.files("fedllm.scenarios")))
+    except ModuleNotFoundError:
+        return PROJECT_ROOT / "simulations"
+
+
+SCENARIO_DIR = _scenario_dir()
 DEFAULT_SCENARIO = "hospitals"
 MODES = ("lora", "last-layers", "full", "head")
-ACCOUNTANTS = ("prv", "rdp", "pld")
+ACCOUNTANTS = ("pld", "prv", "rdp")
 
 
 @dataclass(frozen=True)
@@ -67,7 +78,7 @@ class PrivacyConfig:
     epsilon: float = 8.0  # each client's total budget over all its runs (> 0)
     delta: float = 1e-5  # each client's delta; must be below 1 / its training examples
     max_grad_norm: float = 1.0  # per-example gradient clipping norm C (> 0)
-    accountant: str = "prv"  # how the spent epsilon is computed (docs/privacy.md)
+    accountant: str = "pld"  # how the spent epsilon is computed (docs/privacy.md)
     noise_multiplier: float | None = None  # fixed sigma; unset: calibrated so the plan spends epsilon
     planned_rounds: int | None = None  # rounds the noise is calibrated for; unset: rounds
 

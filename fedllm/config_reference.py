@@ -22,7 +22,7 @@ from typing import Any
 
 from fedllm import config as C
 from fedllm.data import BUILTIN_SOURCES, NODE_SOURCE, PARTITIONS, DataConfig
-from fedllm.paths import PROJECT_ROOT
+from fedllm.paths import PROJECT_ROOT, has_project_tree
 
 DOC = PROJECT_ROOT / "docs" / "configuration.md"
 
@@ -202,6 +202,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m fedllm.config_reference", description=__doc__.splitlines()[0])
     parser.add_argument("--check", action="store_true", help="exit 1 if docs/configuration.md is out of date")
     args = parser.parse_args(argv)
+    if not has_project_tree():
+        print(f"{parser.prog}: needs fedllm's project tree (docs/); it is not installed here", file=sys.stderr)
+        return 2
     text = render()
     if args.check:
         current = DOC.read_text(encoding="utf-8") if DOC.is_file() else ""

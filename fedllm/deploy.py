@@ -33,7 +33,7 @@ import tomli_w
 from fedllm import faults
 from fedllm.certs import ConsortiumPaths
 from fedllm.errors import ConfigError, FedllmError
-from fedllm.paths import PROJECT_ROOT
+from fedllm.paths import project_tree
 
 if TYPE_CHECKING:
     from fedllm.node import NodeRunner
@@ -289,7 +289,7 @@ def cmd_client(args: argparse.Namespace) -> int:
     profile.state_dir.mkdir(parents=True, exist_ok=True)
     env = flower_env(profile.state_dir / "flwr-home")
     node_logging()
-    from clients.app import app  # the node's own ClientApp, imported before any run can exist
+    from fedllm.apps.client import app  # the node's own ClientApp, imported before any run can exist
 
     policy = TrustPolicy.for_profile(profile, own_bundle_hash())
     secret_file = Path(env["FLWR_HOME"]) / "superexec-auth.secret"
@@ -356,7 +356,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         run_config = Path(tmp) / "run-config.toml"
         transport = "insecure" if args.insecure else "tls"  # recorded in metrics.json and the report
         run_config.write_text(tomli_w.dumps({"config-toml": to_toml(cfg), "out-dir": str(out), "transport": transport}))
-        app = (args.app or PROJECT_ROOT).resolve()  # --app: tests play a coordinator with code of its own
+        # --app: tests play a coordinator with code of its own
+        app = (args.app or project_tree("fedllm run (it submits the project tree as the app bundle)")).resolve()
         cmd = [flower_program("flwr"), "run", str(app), CONNECTION, "--run-config", str(run_config)]
         cmd.append("--stream")
         print(f"fedllm: submitting '{cfg.name}' to {format_address(host, port)}; records in {out} on the SuperLink")

@@ -10,7 +10,14 @@ and writes what ``transformers`` reads with no fedllm installed:
   ``adapter_model.safetensors`` holds LoRA and the whole head) plus the tokenizer and ``labels.json``;
   load with ``peft.AutoPeftModelForSequenceClassification.from_pretrained(DIR, num_labels=N)``.
 
-Both carry ``README.md``, the model card (:mod:`fedllm.model_card`), and ``fedllm_export.json``, the
+A ``head``-mode run (a head on frozen, mean-pooled, L2-normalised encoder features; :mod:`fedllm.features`)
+exports ``--merged`` only: the frozen encoder's weights and the head in one ``model.safetensors``. No stock
+``transformers`` class pools that way, so the directory also holds the small model code of
+:mod:`fedllm.export_head`, registered in ``config.json``'s ``auto_map``; a consumer loads it with
+``trust_remote_code=True`` (the model card says why), and ``config.json`` records the code's SHA-256
+(``fedllm_code_sha256``) so ``fedllm predict`` can tell fedllm's code from any other.
+
+All carry ``README.md``, the model card (:mod:`fedllm.model_card`), and ``fedllm_export.json``, the
 provenance (run, round, checkpoint hash) that ties the directory to the run's ledger.
 """
 
@@ -19,6 +26,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -37,7 +45,11 @@ KINDS = ("merged", "adapter")
 
 @dataclass
 class RunModel:
-    """The run's final global model, rebuilt: ``model`` is in eval mode with the checkpoint's tensors."""
+    """The run's final global model, rebuilt: ``model`` is in eval mode with the checkpoint's tensors.
+
+    In head mode ``model`` is the :class:`fedllm.features.FeatureHead` alone; its input is
+    :func:`fedllm.features.features` of the texts, as on every node.
+    """
 
     config: FederationConfig
     model: nn.Module
@@ -54,11 +66,6 @@ def load_run_model(run_dir: Path) -> RunModel:
     cfg = from_dict(read_toml(cfg_path), source=str(cfg_path))
     ckpt = checkpoint.load(run_dir)
     checkpoint.require_names(ckpt, run_dir)
-    if cfg.model.mode == "head":
-        raise FedllmError(
-            f"{run_dir}: a head-mode run trains a head on precomputed features; export supports lora,"
-            " last-layers and full runs"
-        )
     model = build_model(cfg.model, len(ckpt.labels))
     names = trainable_names(model)
     if names != list(ckpt.names):
@@ -83,6 +90,56 @@ def _tokenizer(cfg: FederationConfig):
     return tok
 
 
+def _require_head_pooling() -> None:
+    """The shipped code computes one feature recipe; a run whose features differ would export another model."""
+    from fedllm import features
+    from fedllm.export_head.configuration_fedllm_head import FedllmHeadConfig
+
+    if features.POOLING != FedllmHeadConfig().pooling:
+        raise FedllmError(
+            f"export: the run's features are '{features.POOLING}' but fedllm/export_head computes"
+            f" '{FedllmHeadConfig().pooling}'; the exported model would not be the run's"
+        )
+
+
+def _save_head_model(
+    cfg: FederationConfig, head: nn.Module, id2label: dict[int, str], label2id: dict[str, int], out: Path
+) -> dict[str, str | None]:
+    """The frozen encoder every node embedded with, plus the run's head, as one model of fedllm's shipped code.
+
+    The weights are loaded strictly by name (a missing or extra tensor is an error, never a random init) and
+    the pooler, which mean-pooled features never use, is left out. Returns the code files' SHA-256.
+    """
+    from fedllm import export_head, features
+    from fedllm.export_head.configuration_fedllm_head import FedllmHeadConfig
+    from fedllm.export_head.modeling_fedllm_head import FedllmHeadForSequenceClassification
+
+    _require_head_pooling()
+    body = features.encoder(features._encoder_cfg(cfg.model))
+    encoder_config = body.config.to_dict()
+    for key in ("architectures", "id2label", "label2id", "_name_or_path", "transformers_version"):
+        encoder_config.pop(key, None)
+    code = export_head.code_hashes()
+    config = FedllmHeadConfig(
+        feature_encoder=encoder_config,
+        head_hidden=cfg.model.head_hidden,
+        id2label=id2label,
+        label2id=label2id,
+        architectures=["FedllmHeadForSequenceClassification"],
+        auto_map=dict(export_head.AUTO_MAP),
+        fedllm_code_sha256=code,
+    )
+    model = FedllmHeadForSequenceClassification(config)
+    weights = {f"encoder.{k}": v for k, v in body.state_dict().items() if not k.startswith("pooler.")}
+    weights |= {f"head.{k}": v for k, v in head.net.state_dict().items()}
+    model.load_state_dict(weights, strict=True)
+    model.eval()
+    model.save_pretrained(out)
+    for name in export_head.CODE_FILES:
+        shutil.copyfile(export_head.HERE / name, out / name)
+    return code
+
+
 def _prepare_out(out: Path) -> None:
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise ConfigError(f"--out: {out} already exists and is not an empty directory; choose another")
@@ -98,16 +155,23 @@ def export(run_dir: Path, out: Path, kind: str = "merged") -> Path:
     cfg, model = rm.config, rm.model
     is_lora = cfg.model.mode == "lora"
     if kind == "adapter":
+        if cfg.model.mode == "head":
+            raise ConfigError("--adapter: a head-mode run trained a head on a frozen encoder, no LoRA; export --merged")
         if not is_lora:
             raise ConfigError(f"--adapter: the run trained in '{cfg.model.mode}' mode, not LoRA; export --merged")
         if cfg.model.name == TINY_BERT:
             raise ConfigError("--adapter: tiny-bert is built in memory and has no checkpoint to name as the base")
     from fedllm.model_card import render_model_card
 
+    if cfg.model.mode == "head":
+        _require_head_pooling()
     id2label, label2id = _label_maps(rm.labels)
     _prepare_out(out)
     base_path = str(Path(_checkpoint(cfg.model.name)).resolve()) if cfg.model.name != TINY_BERT else TINY_BERT
-    if kind == "merged":
+    code: dict[str, str | None] | None = None
+    if cfg.model.mode == "head":
+        code = _save_head_model(cfg, model, id2label, label2id, out)
+    elif kind == "merged":
         plain = model.merge_and_unload() if is_lora else model
         plain.config.id2label, plain.config.label2id = id2label, label2id
         plain.config.architectures = [type(plain).__name__]
@@ -130,6 +194,9 @@ def export(run_dir: Path, out: Path, kind: str = "merged") -> Path:
         "max_length": cfg.model.max_length,
         "labels": list(rm.labels),
     }
+    if code is not None:
+        provenance["head_hidden"] = cfg.model.head_hidden
+        provenance["code_sha256"] = code
     (out / PROVENANCE).write_text(json.dumps(provenance, indent=2) + "\n")
     (out / "README.md").write_text(render_model_card(run_dir, provenance), encoding="utf-8")
     return out

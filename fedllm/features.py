@@ -40,6 +40,7 @@ EMBED_BATCH = 64
 
 _lock = threading.Lock()
 _memory: dict[str, dict[bytes, np.ndarray]] = {}  # encoder key -> text digest -> vector
+_shards_read: dict[str, set[str]] = {}  # encoder key -> shard files already in _memory
 
 
 def encoder_key(cfg: ModelConfig) -> str:
@@ -114,20 +115,24 @@ def _embed(cfg: ModelConfig, texts: Sequence[str]) -> np.ndarray:
     return out
 
 
-def _load_store(folder: Path) -> dict[bytes, np.ndarray]:
-    table: dict[bytes, np.ndarray] = {}
-    if folder.is_dir():
-        for shard in sorted(folder.glob("*.npz")):
-            try:
-                with np.load(shard) as z:
-                    for key, vec in zip(z["keys"], z["vectors"], strict=True):
-                        table[bytes(key)] = vec
-            except (OSError, ValueError, KeyError):  # a torn or foreign file: recompute rather than trust it
-                continue
-    return table
+def _read_new_shards(folder: Path, table: dict[bytes, np.ndarray], seen: set[str]) -> None:
+    """Add the vectors of shards not read yet: another process (a simulated node in another Ray worker)
+    may have embedded these texts since this process last looked."""
+    if not folder.is_dir():
+        return
+    for shard in sorted(folder.glob("*.npz")):
+        if shard.name in seen:
+            continue
+        try:
+            with np.load(shard) as z:
+                for key, vec in zip(z["keys"], z["vectors"], strict=True):
+                    table[bytes(key)] = vec
+        except (OSError, ValueError, KeyError):  # a torn or foreign file: recompute rather than trust it
+            continue
+        seen.add(shard.name)
 
 
-def _save_shard(folder: Path, keys: list[bytes], vectors: np.ndarray) -> None:
+def _save_shard(folder: Path, keys: list[bytes], vectors: np.ndarray) -> str:
     """A new shard under a content name, written to a temp file and renamed: concurrent nodes never clash."""
     folder.mkdir(parents=True, exist_ok=True)
     digest = hashlib.sha256(b"".join(keys)).hexdigest()[:32]
@@ -135,6 +140,7 @@ def _save_shard(folder: Path, keys: list[bytes], vectors: np.ndarray) -> None:
         np.savez(fh, keys=np.array(keys, dtype="S32"), vectors=vectors)
         tmp = fh.name
     os.replace(tmp, folder / f"{digest}.npz")
+    return f"{digest}.npz"
 
 
 def features(cfg: ModelConfig, texts: Sequence[str]) -> np.ndarray:
@@ -144,10 +150,10 @@ def features(cfg: ModelConfig, texts: Sequence[str]) -> np.ndarray:
     key = encoder_key(cfg)
     folder = store_dir(cfg)
     with _lock:
-        table = _memory.get(key)
-        if table is None:
-            table = _memory[key] = _load_store(folder)
+        table = _memory.setdefault(key, {})
         digests = [text_digest(t) for t in texts]
+        if any(d not in table for d in digests):
+            _read_new_shards(folder, table, _shards_read.setdefault(key, set()))
         missing: dict[bytes, str] = {}
         for d, t in zip(digests, texts, strict=True):
             if d not in table and d not in missing:
@@ -157,7 +163,7 @@ def features(cfg: ModelConfig, texts: Sequence[str]) -> np.ndarray:
             vectors = _embed(cfg, [missing[d] for d in new_keys])
             for d, v in zip(new_keys, vectors, strict=True):
                 table[d] = v
-            _save_shard(folder, new_keys, vectors)
+            _shards_read.setdefault(key, set()).add(_save_shard(folder, new_keys, vectors))
         return np.stack([table[d] for d in digests]).astype(np.float32, copy=False)
 
 

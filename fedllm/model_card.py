@@ -59,6 +59,26 @@ _COVERS = """\
   See docs/privacy.md of fedllm for the full statement and the trust model."""
 
 
+_HEAD_CODE = """\
+**Loading needs `trust_remote_code=True`.** This model was trained in fedllm's `head` mode: the encoder
+stayed frozen and only a small head was trained, on the encoder's last hidden states averaged over the
+real tokens (the attention mask) and scaled to length 1 (L2). No class that ships with `transformers` pools
+and normalises that way, so this directory carries its own model code, about 60 lines that import only
+`torch` and `transformers`: `configuration_fedllm_head.py` (the settings) and `modeling_fedllm_head.py` (the
+model: the stock encoder built with `AutoModel.from_config` from `feature_encoder` in `config.json`, the
+mean over the mask, the L2 normalisation, then {hidden}). `trust_remote_code=True` tells `transformers` to
+run these two files; read them first, and check them against the SHA-256 below (also in `config.json` as
+`fedllm_code_sha256`). `fedllm predict` runs fedllm's own copy of this code, and refuses the directory if
+the files differ from it.
+
+| file | SHA-256 |
+|---|---|"""
+
+
+def _head_shape(hidden: int) -> str:
+    return "a linear layer" if not hidden else f"one hidden ReLU layer of width {hidden} and a linear layer"
+
+
 def render_model_card(run_dir: Path, provenance: dict[str, Any]) -> str:
     """Markdown with YAML front matter (the Hugging Face model-card convention)."""
     facts = card_facts(run_dir)
@@ -142,8 +162,20 @@ def render_model_card(run_dir: Path, provenance: dict[str, Any]) -> str:
     )
     rows += [[r["round"], _num(r["accuracy"]), _num(r["loss"])] for r in report["rounds"]]
     lines += _table(["round", "accuracy", "loss"], rows)
-    lines += ["## Use", "", "```python"]
-    if provenance["format"] == "adapter":
+    lines += ["## Use", ""]
+    if "code_sha256" in provenance:
+        lines += [_HEAD_CODE.format(hidden=_head_shape(provenance.get("head_hidden", 0))), ""]
+        lines += [f"| `{name}` | `{digest}` |" for name, digest in provenance["code_sha256"].items()]
+        lines += [""]
+    lines += ["```python"]
+    if "code_sha256" in provenance:
+        lines += [
+            "from transformers import pipeline",
+            'classify = pipeline("text-classification", model="DIR", trust_remote_code=True)',
+            "# or AutoModelForSequenceClassification / AutoTokenizer .from_pretrained(DIR, trust_remote_code=True):",
+            "# the tokenizer needs it too, since transformers reads config.json to pick it",
+        ]
+    elif provenance["format"] == "adapter":
         lines += [
             "from peft import AutoPeftModelForSequenceClassification",
             "from transformers import AutoTokenizer, pipeline",

@@ -4,7 +4,7 @@ Flower ships a run's app bundle (FAB) to every SuperNode, and its stock ClientAp
 bundle and imports it first on the path: whoever submits the run chooses the code that reads the node's
 data and enforces its budget. So ``fedllm client`` starts ``flower-supernode --isolation process`` (it
 queues one task per message on its local Runtime API and runs nothing) and, next to it, this runner. The
-runner imports the node's installed ClientApp (``clients.app:app``) before any run exists, claims each task,
+runner imports the node's installed ClientApp (``fedllm.apps.client:app``) before any run exists, claims each task,
 decides whether the node takes part in the task's run (:meth:`TrustPolicy.refusal`) and only then calls that
 app. The bundle's bytes arrive with the task (the SuperNode reads its ``pyproject.toml`` for the run
 config); here they are hashed and nothing else: never unpacked, installed or imported.

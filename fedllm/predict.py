@@ -3,6 +3,13 @@
 It loads the directory with plain ``transformers`` (and ``peft`` for an adapter export), exactly as a user
 without fedllm would, so what it prints is what a deployed ``pipeline`` returns. Scores are softmax
 probabilities over the model's labels.
+
+Custom code: a directory whose ``config.json`` has an ``auto_map`` asks its loader to run Python from the
+directory (``trust_remote_code=True``). ``predict`` never runs code from a directory it is pointed at. A
+head-mode export of fedllm is the one kind it loads: only when its code files are byte-identical (SHA-256) to
+the ones this fedllm writes (:mod:`fedllm.export_head`), and then with fedllm's own copy of those classes,
+so what runs is the installed fedllm and nothing read from the directory. Any other custom code is refused
+with one line; read it and load it with ``transformers`` yourself if you trust it.
 """
 
 from __future__ import annotations
@@ -30,12 +37,39 @@ class Prediction:
 
 
 def _is_model_dir(path: Path) -> str | None:
-    """'merged', 'adapter' or None."""
+    """'merged', 'adapter', 'head' (fedllm's custom head-mode code) or None; refuses any other custom code."""
     if (path / "adapter_config.json").is_file():
         return "adapter"
-    if (path / "config.json").is_file():
+    if not (path / "config.json").is_file():
+        return None
+    try:
+        config = json.loads((path / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise FedllmError(f"{path / 'config.json'}: not readable JSON ({exc})") from None
+    if not isinstance(config, dict) or not config.get("auto_map"):
         return "merged"
-    return None
+    _check_fedllm_code(path, config)
+    return "head"
+
+
+def _check_fedllm_code(path: Path, config: dict[str, Any]) -> None:
+    """Pass only for fedllm's head-mode code, unchanged; anything else is one line naming what differs."""
+    from fedllm import export_head
+
+    refuse = f"{path}: config.json asks to run custom code (auto_map) that fedllm predict will not run:"
+    if config.get("model_type") != "fedllm-head" or config["auto_map"] != export_head.AUTO_MAP:
+        raise FedllmError(f"{refuse} it is not a fedllm head-mode export; if you trust it, load it with transformers")
+    ours, theirs = export_head.code_hashes(), export_head.code_hashes(path)
+    differ = [name for name in export_head.CODE_FILES if theirs[name] != ours[name]]
+    if differ:
+        recorded = config.get("fedllm_code_sha256") or {}
+        why = (
+            "differ from this fedllm's (they match config.json's fedllm_code_sha256: another fedllm version?"
+            " export the run again with this one)"
+            if all(theirs[n] == recorded.get(n) for n in differ)
+            else "changed since fedllm wrote it, or missing"
+        )
+        raise FedllmError(f"{refuse} {', '.join(differ)} {why}")
 
 
 def load_pipeline(model_dir: Path):
@@ -51,10 +85,14 @@ def load_pipeline(model_dir: Path):
 
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
+    if kind == "head":  # fedllm's own copy of the code the directory holds (checked identical above)
+        from fedllm.export_head import register_auto_classes
+
+        register_auto_classes()
     try:
-        tokenizer = AutoTokenizer.from_pretrained(model_dir)
-        if kind == "merged":
-            model = AutoModelForSequenceClassification.from_pretrained(model_dir)
+        tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=False)
+        if kind in ("merged", "head"):
+            model = AutoModelForSequenceClassification.from_pretrained(model_dir, trust_remote_code=False)
         else:
             from peft import AutoPeftModelForSequenceClassification
 

@@ -223,7 +223,7 @@ def load_profile(path: str | os.PathLike[str]) -> NodeProfile:
             enabled=_default(values["privacy.enabled"], True),
             epsilon=values["privacy.epsilon"],
             delta=values["privacy.delta"],
-            accountant=_default(values["privacy.accountant"], "prv"),
+            accountant=_default(values["privacy.accountant"], "pld"),
             max_grad_norm=_default(values["privacy.max_grad_norm"], 1.0),
             noise_multiplier=values["privacy.noise_multiplier"],
             planned_rounds=values["privacy.planned_rounds"],

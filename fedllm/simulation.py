@@ -118,10 +118,15 @@ def _check_reachable(address: str) -> None:
         raise ConfigError(f"simulation.ray_address: no Ray cluster at {address} ({exc})") from None
 
 
+# Ray pre-starts one idle Python worker per CPU for the first driver; Flower's client actors carry this job's
+# runtime_env, so they never reuse those: two processes that only cost start-up CPU and memory here.
+NO_PRESTART = {"enable_worker_prestart": False, "prestart_worker_first_driver": False}
+
+
 def backend_config(sim: SimulationConfig, verbose: bool) -> dict:
     """Flower's Ray backend settings. ``init_args`` apply only to the private instance (Flower skips
     ``ray.init`` on a cluster we joined); ``address="local"`` makes sure that instance is ours, even where
-    ``RAY_ADDRESS`` names a cluster."""
+    ``RAY_ADDRESS`` names a cluster. No dashboard and no idle pre-started workers: the run uses neither."""
     return {
         "client_resources": {"num_cpus": sim.num_cpus, "num_gpus": sim.num_gpus},
         "init_args": {
@@ -130,6 +135,7 @@ def backend_config(sim: SimulationConfig, verbose: bool) -> dict:
             "include_dashboard": False,
             "logging_level": "info" if verbose else "error",
             "log_to_driver": verbose,
+            "_system_config": NO_PRESTART,
         },
     }
 

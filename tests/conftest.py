@@ -143,7 +143,7 @@ state_dir = "state"
         )
 
     def client(self, config=None, context=None):
-        """The real deployed-node client factory (``clients/app.py`` calls the same)."""
+        """The real deployed-node client factory (``fedllm/apps/client.py`` calls the same)."""
         from fedllm.client import client_for
         from fedllm.runspec import spec_from_run_config
 

@@ -60,7 +60,7 @@ def test_spend_survives_a_restart_through_the_ledger(tmp_path):
         again = ClientBudget(ledger, "a", privacy, {})
         assert again.epsilon() == pytest.approx(spent, rel=1e-9)
         assert again.epsilon() == pytest.approx(
-            epsilon_of("prv", [(mechanism.noise_multiplier, mechanism.sample_rate, 40)], 1e-5)
+            epsilon_of(privacy.accountant, [(mechanism.noise_multiplier, mechanism.sample_rate, 40)], 1e-5)
         )
 
 

@@ -309,7 +309,7 @@ def test_run_config_cannot_raise_the_budget_a_profile_sets(tmp_path, consortium,
 
 def test_a_profile_requires_secure_aggregation_whatever_the_run_config_says(tmp_path, consortium, monkeypatch):
     """The submitted run turns SecAgg+ off; the node's profile (default: required) keeps it on."""
-    from clients.app import requires_secure_aggregation
+    from fedllm.apps.client import requires_secure_aggregation
 
     paths, _ = consortium
     monkeypatch.setenv("FEDLLM_TEST_CA", str(paths.ca_cert))

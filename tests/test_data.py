@@ -511,7 +511,7 @@ def test_hf_source_reads_train_and_test_splits(monkeypatch: pytest.MonkeyPatch) 
         {"text": [f"t{i}" for i in range(40)], "label": [i % 2 for i in range(40)]}, features=features
     )
     test = datasets.Dataset.from_dict({"text": ["u0", "u1"], "label": [1, 0]}, features=features)
-    monkeypatch.setattr(datasets, "load_dataset", lambda _id: datasets.DatasetDict(train=train, test=test))
+    monkeypatch.setattr(datasets, "load_dataset", lambda _id, **_options: datasets.DatasetDict(train=train, test=test))
     fed = load_federated(DataConfig(source="hf:x/y", partition="iid"), ["a", "b"], seed=0)
     assert fed.label_names == ("n", "p")
     assert fed.central_test.texts == ("u0", "u1") and fed.central_test.labels == (1, 0)

@@ -46,7 +46,7 @@ def test_a_vanished_client_does_not_stop_the_round(tmp_path, monkeypatch):
         spent = own.spent("client-1")
         final = own.entries(status="trained")[-1]
     assert len(spent) == 3
-    assert final.epsilon == pytest.approx(epsilon_of_mechanisms("prv", spent, final.delta), rel=1e-9)
+    assert final.epsilon == pytest.approx(epsilon_of_mechanisms(final.accountant, spent, final.delta), rel=1e-9)
     result = audit(out)
     assert result.ok, result.findings
 
@@ -123,5 +123,5 @@ def test_a_killed_client_never_under_reports(tmp_path, point, kill_when, counted
         spent = ledger.spent("client-0")
         trained = ledger.entries(status="trained")[-1]
     assert len(spent) == counted + 1
-    assert trained.epsilon == pytest.approx(epsilon_of_mechanisms("prv", spent, trained.delta), rel=1e-9)
-    assert trained.epsilon >= epsilon_of_mechanisms("prv", spent[-1:], trained.delta)
+    assert trained.epsilon == pytest.approx(epsilon_of_mechanisms(trained.accountant, spent, trained.delta), rel=1e-9)
+    assert trained.epsilon >= epsilon_of_mechanisms(trained.accountant, spent[-1:], trained.delta)

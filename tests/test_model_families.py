@@ -13,52 +13,16 @@ from pathlib import Path
 
 import pytest
 import torch
+from support import make_checkpoint
 
 from fedllm.accounting import make_accountant
 from fedllm.config import ModelConfig, from_dict
 from fedllm.errors import ConfigError
-from fedllm.model import build_model, count_parameters, get_trainable, load_tokenizer, minilm_path
+from fedllm.model import build_model, count_parameters, get_trainable, load_tokenizer
 from fedllm.training import DPSettings, TokenizedDataset, forward, train_dp
 
 FAMILIES = ("bert", "roberta", "distilbert", "deberta-v2", "electra")
 MODES = ("lora", "last-layers", "full")
-
-_SMALL = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 64}
-_CONFIGS: dict[str, dict] = {
-    "bert": _SMALL,
-    "roberta": {**_SMALL, "type_vocab_size": 1},
-    "electra": {**_SMALL, "embedding_size": 32},
-    # DeBERTa-v3's layout: relative attention, no absolute position embedding.
-    "deberta-v2": {
-        **_SMALL,
-        "relative_attention": True,
-        "position_biased_input": False,
-        "pos_att_type": ["p2c", "c2p"],
-        "share_att_key": True,
-        "norm_rel_ebd": "layer_norm",
-        "position_buckets": 16,
-    },
-    "distilbert": {"dim": 32, "n_layers": 2, "n_heads": 2, "hidden_dim": 64},
-}
-
-
-def make_checkpoint(family: str, out: Path, *, masked_lm: bool = False, seed: int = 0) -> Path:
-    """A tiny random ``family`` encoder in ``out`` (config, safetensors, the MiniLM tokenizer).
-
-    ``masked_lm`` saves it as a pretraining checkpoint (weights under the family's prefix, e.g.
-    ``roberta.embeddings...``, plus an LM head), the layout of checkpoints published on the hub.
-    """
-    from transformers import AutoConfig, AutoModel, AutoModelForMaskedLM, AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(str(minilm_path()))
-    config = AutoConfig.for_model(
-        family, vocab_size=tokenizer.vocab_size, max_position_embeddings=128, pad_token_id=0, **_CONFIGS[family]
-    )
-    torch.manual_seed(seed)
-    model = (AutoModelForMaskedLM if masked_lm else AutoModel).from_config(config)
-    model.save_pretrained(out)
-    tokenizer.save_pretrained(out)
-    return out
 
 
 @pytest.fixture(scope="session")

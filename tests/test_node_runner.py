@@ -134,7 +134,7 @@ from pathlib import Path
 from flwr.app import ConfigRecord, Message, RecordDict
 from flwr.clientapp import ClientApp
 
-Path({marker!r}).write_text("the bundle's clients/app.py was imported on the node")
+Path({marker!r}).write_text("the bundle's fedllm/apps/client.py was imported on the node")
 app = ClientApp()
 
 
@@ -256,8 +256,8 @@ def test_a_bundle_the_node_does_not_trust_is_refused_and_an_allowed_one_is_answe
     bundle = project_copy(
         tmp_path / "coordinator-copy",
         {
-            "server/app.py": lambda _: TOY_SERVER,
-            "clients/app.py": lambda _: MARKED_CLIENT.format(marker=str(marker)),
+            "fedllm/apps/server.py": lambda _: TOY_SERVER,
+            "fedllm/apps/client.py": lambda _: MARKED_CLIENT.format(marker=str(marker)),
         },
     )
     digest = bundle_hash(bundle)

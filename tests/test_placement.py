@@ -34,6 +34,7 @@ def test_default_is_no_gpu_and_a_private_ray_instance():
     init = backend_config(cfg.simulation, verbose=True)["init_args"]
     assert init["address"] == "local"  # never an existing cluster by accident (RAY_ADDRESS)
     assert init["include_dashboard"] is False
+    assert init["_system_config"]["prestart_worker_first_driver"] is False  # no idle workers the run never uses
 
 
 @pytest.mark.parametrize("flags", [(), ("--num-gpus", "0")])

@@ -80,7 +80,7 @@ def test_f1_a_bundle_with_one_hostile_line_is_refused_before_anything_runs(tmp_p
     )
     calls = []
 
-    def installed_app(message, context):  # spies on the node's own ClientApp (clients.app:app)
+    def installed_app(message, context):  # spies on the node's own ClientApp (fedllm.apps.client:app)
         from flwr.app import Message, RecordDict
 
         calls.append(context.run_id)
@@ -119,7 +119,7 @@ import pytest  # noqa: E402
         ("training.batch_size", 120, "8"),
         ("privacy.max_grad_norm", 100.0, "1"),
         ("privacy.noise_multiplier", 0.01, "unset"),
-        ("privacy.accountant", "rdp", "'prv'"),
+        ("privacy.accountant", "rdp", "'pld'"),
         ("privacy.planned_rounds", 1, "2"),
         ("privacy.delta", 0.01, "1e-05"),
         ("share_client_metrics", True, "false"),
@@ -257,7 +257,7 @@ def test_f5_a_client_refuses_to_mask_with_fewer_peers_than_its_profile_demands(d
     from flwr.common import ConfigRecord
     from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key, Stage
 
-    from clients.app import app  # the node's installed ClientApp, with its SecAgg+ mod
+    from fedllm.apps.client import app  # the node's installed ClientApp, with its SecAgg+ mod
 
     node = deployed_node(privacy="min_secagg_peers = 2")
     ctx = node.context(node.run_config(**{"secure_aggregation.min_peers": 2}))

@@ -1,4 +1,4 @@
-"""The Flower ClientApp, for ``flwr run .`` and for a deployed node's own runner.
+"""The Flower ClientApp (``fedllm.apps.client:app``), for ``flwr run .`` and for a deployed node's own runner.
 
 Kept light: deployment may import it for every message. On a deployed node every decision below is the
 node profile's, never the submitted run config's.

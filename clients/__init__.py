@@ -1,1 +1,0 @@
-"""Flower ClientApp of fedllm and institution profiles."""

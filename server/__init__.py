@@ -1,1 +1,0 @@
-"""Flower ServerApp of fedllm."""
