@@ -58,6 +58,7 @@ class Recipe:
     local_steps: int = 10
     rounds: int = 10
     clients_per_round: int | None = None  # None: the scenario's
+    project: int = 0  # > 0: features projected on this many principal axes of ANOTHER public data set
 
 
 def scenario_raw(name: str) -> dict[str, Any]:
@@ -110,6 +111,25 @@ def _feature_sets(cfg, fed):
     return train, FeatureDataset(val_text, cfg.model), FeatureDataset(fed.central_test, cfg.model)
 
 
+def _projected(name: str, dims: int, sets: list, model_cfg) -> tuple[list, Any, Any]:
+    """Fewer parameters for the same features: project on the top principal axes of a *different* public
+    data set (MedMCQA for Banking77, Banking77 otherwise), so no client's data shapes the projection."""
+    import torch
+
+    from fedllm.data import DataConfig, _load_source
+    from fedllm.features import FeatureDataset, features
+
+    other = _load_source(DataConfig(source="medmcqa" if name == "banks" else "banking77"), 0)
+    public = torch.from_numpy(features(model_cfg, [r.text for r in other.pool]))
+    mean = public.mean(0)
+    _, _, v = torch.pca_lowrank(public - mean, q=dims, center=False)
+    out = [
+        FeatureDataset.from_arrays(torch.nn.functional.normalize((d.features - mean) @ v, dim=1), d.labels)
+        for d in sets
+    ]
+    return out[:-2], out[-2], out[-1]
+
+
 def run_federated(
     name: str, recipe: Recipe, epsilon: float | None, seed: int, *, keep_curve: bool = False
 ) -> dict[str, Any]:
@@ -126,9 +146,15 @@ def run_federated(
     cfg, fed = federation(name, seed)
     model_cfg = replace(cfg.model, mode=recipe.mode, head_hidden=recipe.head_hidden)
     train, val, test = _feature_sets(cfg, fed)
+    if recipe.project:
+        train, val, test = _projected(name, recipe.project, [*train, val, test], model_cfg)
     prep_wall = time.perf_counter() - wall0
     num_labels = len(fed.label_names)
     head = build_head(model_cfg, num_labels)
+    if recipe.project:
+        from fedllm.features import FeatureHead
+
+        head = FeatureHead(recipe.project, num_labels, recipe.head_hidden, model_cfg.seed)
     device = torch.device("cpu")
     delta = cfg.privacy.delta
     per_round = recipe.clients_per_round or cfg.sampled_per_round

@@ -260,27 +260,29 @@ def _canary_assets(config: FederationConfig, client_id: str, path: str) -> NodeA
 
 
 def canary_log_probs(model: torch.nn.Module, texts: list[str], config: FederationConfig) -> np.ndarray:
-    """The black-box adversary's view: the model's log-probability of every label for each canary (m x C)."""
+    """The black-box adversary's view: the model's log-probability of every label for each canary (m x C).
+
+    The canaries go in as any client row would: tokens, or (head mode) the frozen encoder's features.
+    """
     import torch
 
     from fedllm.data import TextDataset
-    from fedllm.model import load_tokenizer, pick_device
-    from fedllm.training import TokenizedDataset, collate, forward
+    from fedllm.features import node_dataset
+    from fedllm.model import pick_device
+    from fedllm.training import collate_for, logits_of
 
-    data = TokenizedDataset(
-        TextDataset(tuple(texts), (0,) * len(texts)), load_tokenizer(config.model.name), config.model.max_length
-    )
+    data = node_dataset(config.model, TextDataset(tuple(texts), (0,) * len(texts)))
+    batch_of = collate_for(data)
     device = pick_device(config.training.device)
     model.to(device).eval()
     out = []
     batch = config.training.eval_batch_size
     with torch.no_grad():
         for start in range(0, len(data), batch):
-            input_ids, mask, _ = (
-                t.to(device)
-                for t in collate([data[i] for i in range(start, min(start + batch, len(data)))], data.pad_id)
+            *inputs, _ = (
+                t.to(device) for t in batch_of([data[i] for i in range(start, min(start + batch, len(data)))])
             )
-            out.append(torch.log_softmax(forward(model, input_ids, mask), dim=-1).cpu())
+            out.append(torch.log_softmax(logits_of(model, inputs), dim=-1).cpu())
     model.train()
     return torch.cat(out).numpy().astype(float)
 

@@ -35,7 +35,7 @@ from fedllm.config import ModelConfig
 from fedllm.data import TextDataset
 from fedllm.paths import cache_dir
 
-POOLING = "mean-mask-l2-v1"  # part of the cache key: a change of pooling must never reuse old vectors
+POOLING = "mean-mask-l2-v2"  # part of the cache key: a change of pooling must never reuse old vectors
 EMBED_BATCH = 64
 
 _lock = threading.Lock()
@@ -102,12 +102,10 @@ def _embed(cfg: ModelConfig, texts: Sequence[str]) -> np.ndarray:
         for r, i in enumerate(rows):
             input_ids[r, : len(ids[i])] = torch.tensor(ids[i])
             mask[r, : len(ids[i])] = 1
-        hidden = body(
-            input_ids=input_ids,
-            attention_mask=mask,
-            token_type_ids=torch.zeros_like(input_ids),
-            position_ids=torch.arange(length).unsqueeze(0).repeat(len(rows), 1),
-        ).last_hidden_state
+        # The encoder builds its own position and token-type ids, by its family's convention (RoBERTa counts
+        # positions from the padding index; DistilBERT has no token types): no gradient flows here, so
+        # Opacus' need for explicit ids (``training.forward``) does not apply.
+        hidden = body(input_ids=input_ids, attention_mask=mask).last_hidden_state
         m = mask.unsqueeze(-1).to(hidden.dtype)
         pooled = (hidden * m).sum(1) / m.sum(1).clamp(min=1.0)
         pooled = torch.nn.functional.normalize(pooled, dim=-1)
@@ -146,7 +144,7 @@ def _save_shard(folder: Path, keys: list[bytes], vectors: np.ndarray) -> str:
 def features(cfg: ModelConfig, texts: Sequence[str]) -> np.ndarray:
     """(n, hidden) float32 features of ``texts``; only texts not in the process or disk cache are embedded."""
     if not texts:
-        return np.zeros((0, int(encoder(_encoder_cfg(cfg)).config.hidden_size)), dtype=np.float32)
+        return np.zeros((0, feature_dim(cfg)), dtype=np.float32)
     key = encoder_key(cfg)
     folder = store_dir(cfg)
     with _lock:

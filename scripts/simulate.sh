@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Install fedllm into ./.venv and run the default simulation (three hospitals, MedMCQA, MiniLM + LoRA, DP).
+# Install fedllm into ./.venv and run the default simulation (three hospitals, MedMCQA, DP head on MiniLM features).
 # Extra arguments go to `fedllm simulate`, e.g. `bash scripts/simulate.sh --rounds 2`.
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -146,7 +146,7 @@ def test_model_card_epsilons_match_the_ledger(run_dir, merged):
             assert 0 < last.epsilon <= last.budget_epsilon
     assert f"head hash `{entries[-1].hash}`" in card
     assert f"**{audit(run_dir).verdict()}**" in card
-    assert "Accountant: `prv`" in card and "add_remove" in card
+    assert f"Accountant: `{entries[-1].accountant}`" in card and "add_remove" in card
     assert re.search(r"^\| 2 \| 0\.\d+ \|", card, re.M)  # accuracy of the last round
     assert "Not covered" in card and "group privacy" in card
 

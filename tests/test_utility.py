@@ -227,7 +227,7 @@ SETTINGS = {  # chosen on this public subset; the full-size recipe is in benchma
     "head": {"steps": 60, "batch": 128, "lr": 0.1},
     "lora": {"steps": 24, "batch": 64, "lr": 1e-2},
     "last-layers": {"steps": 24, "batch": 64, "lr": 1e-3},
-    "full": {"steps": 16, "batch": 64, "lr": 1e-4},
+    "full": {"steps": 24, "batch": 64, "lr": 3e-4},
 }
 
 

@@ -2,8 +2,6 @@
 a linear head (or one hidden ReLU layer). Written by ``fedllm export``; the same computation as fedllm's
 ``features.py`` followed by its ``FeatureHead``. Only torch and transformers are imported."""
 
-import inspect
-
 import torch
 from torch import nn
 from transformers import AutoConfig, AutoModel, PreTrainedModel
@@ -18,8 +16,8 @@ class FedllmHeadForSequenceClassification(PreTrainedModel):
 
     def __init__(self, config):
         super().__init__(config)
-        if config.pooling != "mean-mask-l2-v1":
-            raise ValueError(f"unknown pooling {config.pooling!r}; this code computes 'mean-mask-l2-v1' only")
+        if config.pooling != "mean-mask-l2-v2":
+            raise ValueError(f"unknown pooling {config.pooling!r}; this code computes 'mean-mask-l2-v2' only")
         self.encoder = AutoModel.from_config(AutoConfig.for_model(**config.feature_encoder))
         if getattr(self.encoder, "pooler", None) is not None:
             self.encoder.pooler = None  # the features are a mean over tokens; the [CLS] pooler is never used
@@ -33,14 +31,8 @@ class FedllmHeadForSequenceClassification(PreTrainedModel):
     def forward(self, input_ids=None, attention_mask=None, labels=None, **kwargs):
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
-        # As in training: positions 0..L-1 and token type 0, whatever the tokenizer passed.
-        accepts = inspect.signature(self.encoder.forward).parameters
-        extra = {}
-        if "position_ids" in accepts:
-            extra["position_ids"] = torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids)
-        if "token_type_ids" in accepts:
-            extra["token_type_ids"] = torch.zeros_like(input_ids)
-        hidden = self.encoder(input_ids=input_ids, attention_mask=attention_mask, **extra).last_hidden_state
+        # As in training: the encoder builds its own position and token-type ids (its family's convention).
+        hidden = self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
         mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
         pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1.0)
         logits = self.head(nn.functional.normalize(pooled, dim=-1))
