@@ -100,9 +100,9 @@ def main() -> None:
     args = parser.parse_args()
     quiet_env()
     warnings.filterwarnings("ignore")
-    from fedllm.accounting import poisson_sample_rate
+    from fedllm.budget import planned_sample_rate
 
-    q = poisson_sample_rate(EXAMPLES, BATCH)
+    q = planned_sample_rate(EXAMPLES, BATCH)
     sigma = 1.0
     total = args.rounds * args.local_steps
     rows, out = [], {"rounds": args.rounds, "local_steps": args.local_steps, "sample_rate": q, "delta": DELTA}

@@ -217,11 +217,6 @@ def dp_accounting_epsilon(mechanisms: Iterable[Mechanism], delta: float) -> floa
     return pld_epsilon(history, delta, REFERENCE_PLD_INTERVAL)
 
 
-def poisson_sample_rate(num_examples: int, expected_batch_size: int) -> float:
-    """The rate Opacus' DPDataLoader uses for a loader of this size: one over the number of batches."""
-    return 1.0 / math.ceil(num_examples / expected_batch_size)
-
-
 def calibrate_noise(
     *, target_epsilon: float, delta: float, sample_rate: float, total_steps: int, accountant: str
 ) -> float:

@@ -18,8 +18,8 @@ from fedllm.accounting import (
     epsilon_of_mechanisms,
     history_of,
     make_accountant,
-    poisson_sample_rate,
 )
+from fedllm.budget import planned_sample_rate
 
 DELTA = 1e-5
 
@@ -65,17 +65,23 @@ def test_prv_agrees_with_independent_dp_accounting_pld():
 )
 def test_calibration_hits_the_target_over_the_whole_schedule(target, n, batch, steps, kind):
     """Claim 3: at the end of the planned schedule epsilon is within [0.95, 1.0] of the target."""
-    q = poisson_sample_rate(n, batch)
+    q = planned_sample_rate(n, batch)
     sigma = calibrate_noise(target_epsilon=target, delta=DELTA, sample_rate=q, total_steps=steps, accountant=kind)
     eps = epsilon_of(kind, [(sigma, q, steps)], DELTA)
     assert 0.95 * target <= eps <= target
 
 
-def test_poisson_sample_rate_matches_opacus_loader():
-    from torch.utils.data import DataLoader
+def test_the_planned_rate_is_the_rate_the_loader_draws_at():
+    """One rule for the sample rate (expected batch over the declared size), used by the plan and the loader.
 
-    loader = DataLoader(list(range(1000)), batch_size=32)
-    assert poisson_sample_rate(1000, 32) == 1 / len(loader)
+    It replaces ``1 / ceil(n / B)``, Opacus' rule, which differed from the loader's own for some (n, B)."""
+    import torch
+    from opacus.data_loader import DPDataLoader
+    from torch.utils.data import TensorDataset
+
+    q = planned_sample_rate(1000, 32)
+    assert q == 32 / 1000
+    assert DPDataLoader(TensorDataset(torch.zeros(1000, 1)), sample_rate=q).sample_rate == q
 
 
 # ------------------------------------------------------------------ the "pld" accountant and its calibration
