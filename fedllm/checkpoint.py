@@ -11,20 +11,29 @@ parameter name and the label list, in label-index order. Checkpoints written bef
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
-import os
 import zipfile
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from fedllm.errors import FedllmError
-from fedllm.model import arrays_hash
+from fedllm.files import atomic_write_bytes
 
-FILE = "checkpoint.npz"
 FORMAT = 2  # 1: arrays only; 2: + parameter names and labels
+
+
+def arrays_hash(arrays: Sequence[np.ndarray]) -> str:
+    """Identifies a model state in the ledger without storing it."""
+    h = hashlib.sha256()
+    for a in arrays:
+        h.update(str(a.shape).encode())
+        h.update(np.ascontiguousarray(a).tobytes())
+    return h.hexdigest()
 
 
 @dataclass(frozen=True)
@@ -42,8 +51,8 @@ class Checkpoint:
             raise ValueError(f"{len(self.names)} parameter names for {len(self.arrays)} arrays")
 
 
-def save(out_dir: Path, ckpt: Checkpoint) -> None:
-    """Write to a temporary file, fsync, then rename: a reader sees the old or the new checkpoint, never half."""
+def save(path: Path, ckpt: Checkpoint) -> None:
+    """Atomic (:mod:`fedllm.files`): a reader sees the old or the new checkpoint, never half."""
     buf = io.BytesIO()
     meta = {
         "format": FORMAT,
@@ -55,16 +64,10 @@ def save(out_dir: Path, ckpt: Checkpoint) -> None:
         "labels": list(ckpt.labels),
     }
     np.savez(buf, meta=np.array(json.dumps(meta)), **{f"arr_{i}": a for i, a in enumerate(ckpt.arrays)})
-    tmp = out_dir / (FILE + ".tmp")
-    with open(tmp, "wb") as fh:
-        fh.write(buf.getvalue())
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, out_dir / FILE)
+    atomic_write_bytes(path, buf.getvalue())
 
 
-def load(out_dir: Path) -> Checkpoint:
-    path = out_dir / FILE
+def load(path: Path) -> Checkpoint:
     try:
         with np.load(path, allow_pickle=False) as data:
             meta = json.loads(str(data["meta"]))
@@ -91,10 +94,10 @@ def load(out_dir: Path) -> Checkpoint:
     )
 
 
-def require_names(ckpt: Checkpoint, out_dir: Path) -> None:
+def require_names(ckpt: Checkpoint, path: Path) -> None:
     """Export maps arrays to parameters by name; a format-1 checkpoint has none and is refused, not guessed."""
     if not ckpt.names or not ckpt.labels:
         raise FedllmError(
-            f"{out_dir / FILE}: written by an older fedllm without parameter names or labels (format {ckpt.fmt});"
+            f"{path}: written by an older fedllm without parameter names or labels (format {ckpt.fmt});"
             " it can still be resumed, but not exported: finish or rerun the run with this version"
         )

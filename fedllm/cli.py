@@ -178,7 +178,7 @@ def resume_spec(args: argparse.Namespace):
         raise ConfigError("--resume: takes no scenario, --out or setting flags; the run keeps its own config.toml")
     out = args.resume.resolve()
     cfg = from_dict(read_toml(out / "config.toml"), source=str(out / "config.toml"))
-    ckpt = checkpoint.load(out)
+    ckpt = checkpoint.load(out / "checkpoint.npz")
     with Ledger(out / "ledger.sqlite") as ledger:
         broken = ledger.verify_chain()
     if broken:

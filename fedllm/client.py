@@ -25,12 +25,13 @@ from flwr.client import NumPyClient
 from fedllm import faults
 from fedllm.accounting import NO_RELEASE, Mechanism, history_of, make_accountant
 from fedllm.budget import ClientBudget, plan_mechanism
+from fedllm.checkpoint import arrays_hash
 from fedllm.config import ClientSettings, FederationConfig, ModelConfig, config_hash
 from fedllm.data import ClientSplit
 from fedllm.errors import ConfigError
 from fedllm.features import FeatureDataset, node_dataset
 from fedllm.ledger import Ledger, entry_to_metrics, make_entry
-from fedllm.model import arrays_hash, build_model, get_trainable, pick_device, set_trainable
+from fedllm.model import build_model, get_trainable, pick_device, set_trainable
 from fedllm.profile import NODE_CONFIG_KEY as PROFILE_KEY
 from fedllm.profile import load_profile
 from fedllm.runspec import RunSpec, federation_data

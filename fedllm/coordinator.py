@@ -67,7 +67,7 @@ def run_federation(
     test = node_dataset(cfg.model, fed.central_test)  # tokens, or in head mode features computed once
     digest = config_hash(cfg)
     if spec.resume:
-        ckpt = checkpoint.load(spec.out_dir)
+        ckpt = checkpoint.load(spec.out_dir / "checkpoint.npz")
         metrics = run_metrics.read(spec.out_dir / "metrics.json")
         metrics.rounds = [r for r in metrics.rounds if r.round <= ckpt.round]
         initial, done = ckpt.arrays, ckpt.round
@@ -87,7 +87,7 @@ def run_federation(
 
     def save_checkpoint(round_: int, arrays: list[np.ndarray]) -> None:
         ckpt = checkpoint.Checkpoint(round_, metrics.run_id, digest, arrays, names=names, labels=fed.label_names)
-        checkpoint.save(spec.out_dir, ckpt)
+        checkpoint.save(spec.out_dir / "checkpoint.npz", ckpt)
 
     masking = _masking(cfg, fed)
     with Ledger(spec.ledger_path) as ledger:

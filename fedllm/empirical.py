@@ -382,13 +382,13 @@ def finish(spec: RunSpec) -> EmpiricalResult | None:
 
     cfg = spec.config
     a = cfg.empirical_audit
-    if not a.enabled or not (spec.out_dir / checkpoint.FILE).is_file():
+    if not a.enabled or not (spec.out_dir / "checkpoint.npz").is_file():
         return None
     secret = json.loads((spec.out_dir / AUDIT_DIR / SECRET_FILE).read_text(encoding="utf-8"))
     canaries = secret["canaries"]
     coins = np.array([bool(c["included"]) for c in canaries])
     model = build_model(cfg.model, len(federation_data(cfg).label_names))
-    set_trainable(model, checkpoint.load(spec.out_dir).arrays)
+    set_trainable(model, checkpoint.load(spec.out_dir / "checkpoint.npz").arrays)
     labels = np.array([int(c["label"]) for c in canaries])
     log_probs = canary_log_probs(model, [c["text"] for c in canaries], cfg)
     scores = black_box_scores(log_probs, labels)

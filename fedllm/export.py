@@ -64,14 +64,14 @@ def load_run_model(run_dir: Path) -> RunModel:
     if not cfg_path.is_file():
         raise FedllmError(f"{run_dir}: no config.toml here; not a fedllm run directory")
     cfg = from_dict(read_toml(cfg_path), source=str(cfg_path))
-    ckpt = checkpoint.load(run_dir)
-    checkpoint.require_names(ckpt, run_dir)
+    ckpt = checkpoint.load(run_dir / "checkpoint.npz")
+    checkpoint.require_names(ckpt, run_dir / "checkpoint.npz")
     model = build_model(cfg.model, len(ckpt.labels))
     names = trainable_names(model)
     if names != list(ckpt.names):
         differ = next((f"{a} vs {b}" for a, b in zip(names, ckpt.names, strict=False) if a != b), "their number")
         raise FedllmError(
-            f"{run_dir / checkpoint.FILE}: its {len(ckpt.names)} tensors do not match the {len(names)} trainable"
+            f"{run_dir / 'checkpoint.npz'}: its {len(ckpt.names)} tensors do not match the {len(names)} trainable"
             f" tensors {cfg_path.name} builds (first difference: {differ}); was the base checkpoint changed?"
         )
     set_trainable(model, ckpt.arrays)

@@ -6,7 +6,6 @@ same frozen base: a pretrained checkpoint from a local path, or ``tiny-bert`` bu
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 from collections.abc import Sequence
@@ -325,15 +324,6 @@ def set_trainable(model: nn.Module, arrays: Sequence[np.ndarray]) -> None:
             if tuple(a.shape) != tuple(p.shape):
                 raise ValueError(f"tensor shape {tuple(a.shape)} does not match {tuple(p.shape)}")
             p.copy_(torch.as_tensor(a, dtype=p.dtype, device=p.device))
-
-
-def arrays_hash(arrays: Sequence[np.ndarray]) -> str:
-    """Identifies a model state in the ledger without storing it."""
-    h = hashlib.sha256()
-    for a in arrays:
-        h.update(str(a.shape).encode())
-        h.update(np.ascontiguousarray(a).tobytes())
-    return h.hexdigest()
 
 
 def count_parameters(model: nn.Module) -> tuple[int, int]:

@@ -30,9 +30,9 @@ from flwr.server.strategy import FedAvg
 
 from fedllm import metrics as run_metrics
 from fedllm.accounting import NO_RELEASE
+from fedllm.checkpoint import arrays_hash
 from fedllm.ledger import Ledger, LedgerEntry, entry_from_metrics, make_entry
 from fedllm.metrics import ClientRound, RoundRecord, RunMetrics, finite_or_none
-from fedllm.model import arrays_hash
 from fedllm.secure_aggregation import Masking, apply_delta
 
 log = logging.getLogger("fedllm.server")

@@ -8,7 +8,7 @@ import pytest
 
 from fedllm.cli import main
 
-TINY = Path(__file__).resolve().parents[1] / "simulations" / "tiny.toml"
+TINY = Path(__file__).resolve().parents[2] / "simulations" / "tiny.toml"
 
 
 def _fails(capsys, argv: list[str], *needles: str) -> str:

@@ -31,7 +31,7 @@ from fedllm.ledger import Ledger
 from fedllm.model import load_tokenizer
 from fedllm.training import forward
 
-TINY = Path(__file__).resolve().parents[1] / "simulations" / "tiny.toml"
+TINY = Path(__file__).resolve().parents[2] / "simulations" / "tiny.toml"
 
 
 @pytest.fixture(scope="module")
@@ -88,7 +88,7 @@ def _pipeline_logits(classify, texts: list[str], labels: tuple[str, ...]) -> tor
 
 
 def test_checkpoint_stores_names_and_labels(run_dir):
-    ckpt = checkpoint.load(run_dir)
+    ckpt = checkpoint.load(run_dir / "checkpoint.npz")
     assert ckpt.fmt == checkpoint.FORMAT
     assert len(ckpt.names) == len(ckpt.arrays)
     assert any("lora_A" in n for n in ckpt.names) and any("classifier" in n for n in ckpt.names)
@@ -182,14 +182,14 @@ def test_predict_text_file_and_errors(run_dir, merged, tmp_path, capsys):
 def test_export_refuses_an_old_unnamed_checkpoint_and_a_used_out_dir(run_dir, merged, tmp_path, capsys):
     old = tmp_path / "old-run"
     shutil.copytree(run_dir, old, ignore=shutil.ignore_patterns("clients"))
-    ckpt = checkpoint.load(old)
-    with np.load(old / checkpoint.FILE) as data:  # rewrite as format 1: arrays and the old meta only
+    ckpt = checkpoint.load(old / "checkpoint.npz")
+    with np.load(old / "checkpoint.npz") as data:  # rewrite as format 1: arrays and the old meta only
         meta = json.loads(str(data["meta"]))
     legacy = {k: meta[k] for k in ("round", "run_id", "config_hash", "arrays_hash")}
     np.savez(
-        old / checkpoint.FILE, meta=np.array(json.dumps(legacy)), **{f"arr_{i}": a for i, a in enumerate(ckpt.arrays)}
+        old / "checkpoint.npz", meta=np.array(json.dumps(legacy)), **{f"arr_{i}": a for i, a in enumerate(ckpt.arrays)}
     )
-    legacy_ckpt = checkpoint.load(old)  # still readable (``--resume`` needs only the arrays)
+    legacy_ckpt = checkpoint.load(old / "checkpoint.npz")  # still readable (``--resume`` needs only the arrays)
     assert legacy_ckpt.fmt == 1 and legacy_ckpt.names == () and len(legacy_ckpt.arrays) == len(ckpt.arrays)
     capsys.readouterr()
     assert main(["export", str(old), "--out", str(tmp_path / "x")]) == 2
@@ -274,7 +274,7 @@ def test_head_export_loads_offline_with_its_own_code_and_gives_the_run_logits(he
     assert {"head.weight", "head.bias"} <= keys and not any("pooler" in k for k in keys)
     assert any(k.startswith("encoder.encoder.layer.") for k in keys)
     assert (head_model / "tokenizer.json").is_file()
-    torch.testing.assert_close(head_w, torch.from_numpy(checkpoint.load(head_run).arrays[0]))
+    torch.testing.assert_close(head_w, torch.from_numpy(checkpoint.load(head_run / "checkpoint.npz").arrays[0]))
 
     texts = _head_texts(head_run)
     ours, labels = _head_run_logits(head_run, texts)

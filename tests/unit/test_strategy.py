@@ -9,9 +9,9 @@ import pytest
 from flwr.common import Code, FitRes, Status, ndarrays_to_parameters, parameters_to_ndarrays
 
 from fedllm.accounting import Mechanism
+from fedllm.checkpoint import arrays_hash
 from fedllm.ledger import Ledger, entry_to_metrics, make_entry
 from fedllm.metrics import RunMetrics
-from fedllm.model import arrays_hash
 from fedllm.secure_aggregation import Masking
 from fedllm.strategy import BudgetAwareFedAvg
 

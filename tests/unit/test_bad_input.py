@@ -11,7 +11,7 @@ import pytest
 
 from fedllm.cli import main
 
-TINY = Path(__file__).resolve().parents[1] / "simulations" / "tiny.toml"
+TINY = Path(__file__).resolve().parents[2] / "simulations" / "tiny.toml"
 GOOD_ROWS = "".join(f"row number {i},{'a' if i % 2 else 'b'}\n" for i in range(80))
 
 

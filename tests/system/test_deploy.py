@@ -39,7 +39,7 @@ from fedllm.ledger import Ledger
 from fedllm.metrics import read as read_metrics
 from fedllm.report import write_reports
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 LABELS = ("finance", "health", "sports", "weather")
 KEYWORDS = {
     "finance": ("bank", "loan", "interest", "market", "stock", "credit"),

@@ -25,7 +25,7 @@ import pytest
 pytestmark = pytest.mark.slow
 
 VENV_BIN = Path(sys.executable).parent
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 # Reads the cluster's tables through a short-lived driver of its own (no dashboard needed: the GCS has them).
 QUERY = """

@@ -13,11 +13,11 @@ import pytest
 
 from fedllm import checkpoint, faults
 from fedllm import metrics as run_metrics
+from fedllm.checkpoint import arrays_hash
 from fedllm.cli import main
 from fedllm.ledger import Ledger
-from fedllm.model import arrays_hash
 
-TINY = Path(__file__).resolve().parents[1] / "simulations" / "tiny.toml"
+TINY = Path(__file__).resolve().parents[2] / "simulations" / "tiny.toml"
 
 
 def _scenario(tmp_path: Path, rounds: int) -> Path:
@@ -71,7 +71,7 @@ def test_sigkill_mid_round_then_resume(tmp_path):
         _wait_for_reservation(out / "clients" / "client-1", 2, proc)
     finally:
         _kill_group(proc)
-    ckpt = checkpoint.load(out)
+    ckpt = checkpoint.load(out / "checkpoint.npz")
     done = ckpt.round
     assert done == 1 and len(run_metrics.read(out / "metrics.json").rounds) == done
     saved_model = arrays_hash(ckpt.arrays)

@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 from fedllm.config import FederationConfig, from_dict, to_toml
 from fedllm.errors import ConfigError
 
-TINY = tomllib.loads((Path(__file__).resolve().parents[1] / "simulations" / "tiny.toml").read_text())
+TINY = tomllib.loads((Path(__file__).resolve().parents[2] / "simulations" / "tiny.toml").read_text())
 scalars = st.one_of(
     st.none(),
     st.booleans(),

@@ -35,7 +35,7 @@ from fedllm.data import (
 from fedllm.errors import ConfigError, DataError
 from fedllm.paths import shared_data_dir
 
-PROJECT_ROOT = Path(__file__).resolve().parents[1]
+PROJECT_ROOT = Path(__file__).resolve().parents[2]
 
 
 def write_csv(path: Path, rows: Sequence[Sequence[object]], header: Sequence[str] = ("text", "label")) -> Path:

@@ -19,7 +19,7 @@ from fedllm.audit import audit
 from fedllm.cli import main
 from fedllm.ledger import Ledger
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.mark.slow

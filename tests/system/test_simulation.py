@@ -21,7 +21,7 @@ def tiny_run(tmp_path_factory) -> Path:
     """3 clients x 3 rounds on tiny-bert; one client's budget covers exactly 2 rounds."""
     out = tmp_path_factory.mktemp("sim") / "run"
     scenario = out.parent / "scenario.toml"
-    base = Path(__file__).resolve().parents[1] / "simulations" / "tiny.toml"
+    base = Path(__file__).resolve().parents[2] / "simulations" / "tiny.toml"
     scenario.write_text(
         base.read_text().replace("rounds = 2", "rounds = 3\nfederated_evaluation = true")
         + '\n[[clients]]\nid = "alpha"\n\n[[clients]]\nid = "beta"\nepsilon = 2.0\nplanned_rounds = 2\n'
@@ -97,7 +97,7 @@ def test_ledger_chain_is_intact_and_metrics_json_is_strict(tiny_run):
 
 def test_run_stops_cleanly_when_too_few_clients_remain(tmp_path):
     scenario = tmp_path / "s.toml"
-    base = Path(__file__).resolve().parents[1] / "simulations" / "tiny.toml"
+    base = Path(__file__).resolve().parents[2] / "simulations" / "tiny.toml"
     scenario.write_text(
         base.read_text()
         .replace("rounds = 2", "rounds = 4")

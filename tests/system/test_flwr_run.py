@@ -23,7 +23,7 @@ from fedllm.config import load_config
 from fedllm.errors import ConfigError
 from fedllm.ledger import Ledger
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _stop_tree_under(marker: str) -> list[int]:
