@@ -63,10 +63,11 @@ def _measuring_mod_factory(original, log_path: str):
 
 
 def measure(scenario: str, mode: str, secagg: bool, tmp: Path) -> dict[str, Any]:
-    import fedllm.simulation as simulation
+    import fedllm.apps.client as client_apps
     from fedllm.config import load_config
     from fedllm.model import build_model, count_parameters
-    from fedllm.runspec import RunSpec
+    from fedllm.run import lifecycle
+    from fedllm.run.spec import RunSpec
 
     overrides = {
         "rounds": 1,
@@ -77,12 +78,12 @@ def measure(scenario: str, mode: str, secagg: bool, tmp: Path) -> dict[str, Any]
     cfg, _ = load_config(scenario, overrides)
     trainable, total = count_parameters(build_model(cfg.model, 20))
     log_path = tmp / f"{mode}-{secagg}.jsonl"
-    original = simulation.secagg_mod
-    simulation.secagg_mod = _measuring_mod_factory(original, str(log_path))
+    original = client_apps.secagg_mod
+    client_apps.secagg_mod = _measuring_mod_factory(original, str(log_path))
     try:
-        simulation.simulate(RunSpec(config=cfg, out_dir=tmp / f"run-{mode}-{secagg}"))
+        lifecycle.simulate(RunSpec(config=cfg, out_dir=tmp / f"run-{mode}-{secagg}"))
     finally:
-        simulation.secagg_mod = original
+        client_apps.secagg_mod = original
     entries = [json.loads(line) for line in log_path.read_text().splitlines()]
     per_client: dict[tuple[int, str], int] = defaultdict(int)
     down: dict[tuple[int, str], int] = defaultdict(int)

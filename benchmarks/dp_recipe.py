@@ -1,7 +1,7 @@
 """The DP recipe study: which settings make private federated models worth having, found by experiment.
 
 The federation is reproduced in one process, with the product's own pieces: the scenario's partition
-(``fedllm.runspec.federation_data``, the very split ``fedllm simulate`` makes), the frozen-encoder features
+(``fedllm.data.federation.federation_data``, the very split ``fedllm simulate`` makes), the frozen-encoder features
 (``fedllm.features``), ``fedllm.training.train_dp`` (Opacus, Poisson sampling at the planned rate, per-sample
 clipping, noise every step, the client's accountant kept across rounds) and ``train_plain`` for the
 non-private baseline, noise calibrated once per client for its whole planned schedule
@@ -90,7 +90,7 @@ def scenario_raw(name: str) -> dict[str, Any]:
 def federation(name: str, seed: int):
     """(config, FederatedData) of the scenario at full size with this seed (partition and training)."""
     from fedllm.config import from_dict
-    from fedllm.runspec import federation_data
+    from fedllm.data.federation import federation_data
 
     raw = scenario_raw(name)
     raw["seed"] = seed
@@ -100,7 +100,7 @@ def federation(name: str, seed: int):
 
 
 def _feature_sets(cfg, fed):
-    from fedllm.data import TextDataset
+    from fedllm.data.records import TextDataset
     from fedllm.features import FeatureDataset
 
     train = [FeatureDataset(c.train, cfg.model) for c in fed.clients]
@@ -116,10 +116,11 @@ def _projected(name: str, dims: int, sets: list, model_cfg) -> tuple[list, Any, 
     data set (MedMCQA for Banking77, Banking77 otherwise), so no client's data shapes the projection."""
     import torch
 
-    from fedllm.data import DataConfig, _load_source
+    from fedllm.config import DataConfig
+    from fedllm.data.sources import load_source
     from fedllm.features import FeatureDataset, features
 
-    other = _load_source(DataConfig(source="medmcqa" if name == "banks" else "banking77"), 0)
+    other = load_source(DataConfig(source="medmcqa" if name == "banks" else "banking77"), 0)
     public = torch.from_numpy(features(model_cfg, [r.text for r in other.pool]))
     mean = public.mean(0)
     _, _, v = torch.pca_lowrank(public - mean, q=dims, center=False)
@@ -138,8 +139,7 @@ def run_federated(
 
     from fedllm.accounting import epsilon_of, make_accountant
     from fedllm.budget import _calibrated as calibrate_noise  # the product's own, memoized per process
-    from fedllm.features import build_head
-    from fedllm.model import get_trainable, set_trainable
+    from fedllm.model import build_head, get_trainable, set_trainable
     from fedllm.training import DPSettings, evaluate, train_dp, train_plain
 
     wall0, cpu0 = time.perf_counter(), time.process_time()
@@ -152,7 +152,7 @@ def run_federated(
     num_labels = len(fed.label_names)
     head = build_head(model_cfg, num_labels)
     if recipe.project:
-        from fedllm.features import FeatureHead
+        from fedllm.model import FeatureHead
 
         head = FeatureHead(recipe.project, num_labels, recipe.head_hidden, model_cfg.seed)
     device = torch.device("cpu")
@@ -240,7 +240,8 @@ def run_central(name: str, seed: int, epochs: int = 30, batch_size: int = 256, l
     """Centralized non-private: the same head trained on the pooled client data (AdamW, shuffled)."""
     import torch
 
-    from fedllm.features import FeatureDataset, build_head
+    from fedllm.features import FeatureDataset
+    from fedllm.model import build_head
     from fedllm.training import evaluate, train_plain
 
     wall0, cpu0 = time.perf_counter(), time.process_time()
@@ -359,7 +360,7 @@ def cmd_table(args: argparse.Namespace) -> None:
 
 
 def cmd_curve(args: argparse.Namespace) -> None:
-    from fedllm.compare import svg_curve
+    from fedllm.report.svg import accuracy_epsilon_chart
 
     recipes = json.loads(Path(args.recipes).read_text()) if args.recipes else {}
     series = {}
@@ -370,7 +371,9 @@ def cmd_curve(args: argparse.Namespace) -> None:
         series[name] = {"points": pts, "non_private": fedavg}
         print(name, pts, "no DP", fedavg, flush=True)
     path = RESULTS / "dp_recipe_curve.svg"
-    path.write_text(svg_curve({k: (v["points"], v["non_private"]) for k, v in series.items()}))
+    path.write_text(
+        accuracy_epsilon_chart({k: (v["points"], v["non_private"]) for k, v in series.items()}, standalone=True)
+    )
     write("dp_recipe_curve", {"series": series, "svg": str(path)})
     print(f"wrote {path}")
 
@@ -378,7 +381,7 @@ def cmd_curve(args: argparse.Namespace) -> None:
 def cmd_figure(args: argparse.Namespace) -> None:
     """One SVG from the results on disk: the curve runs (seed 0) where present, else the targets table's
     epsilon 3 and 8 means; dashed, each federation's non-private FedAvg."""
-    from fedllm.compare import svg_curve
+    from fedllm.report.svg import accuracy_epsilon_chart
 
     series: dict[str, tuple[list[tuple[float, float]], float | None]] = {}
     curve = RESULTS / "dp_recipe_curve.json"
@@ -392,7 +395,8 @@ def cmd_figure(args: argparse.Namespace) -> None:
             s = res["summary"]
             pts = [(float(k[3:]), s[k]["test_accuracy"]["mean"]) for k in s if k.startswith("eps")]
             series[name] = (pts, s["fedavg"]["test_accuracy"]["mean"])
-    Path(args.out).write_text(svg_curve(series, title="central test accuracy vs epsilon (DP FedAvg, head mode)"))
+    title = "central test accuracy vs epsilon (DP FedAvg, head mode)"
+    Path(args.out).write_text(accuracy_epsilon_chart(series, title=title, standalone=True))
     print(f"wrote {args.out}")
 
 
@@ -415,7 +419,7 @@ def cmd_default(args: argparse.Namespace) -> None:
     env = dict(os.environ)
     if args.cold:
         env["FEDLLM_FEATURES"] = tempfile.mkdtemp(prefix="fedllm-features-")
-    fedllm = [sys.executable, "-m", "fedllm.cli", "simulate", *args.scenario, "--quiet"]
+    fedllm = [sys.executable, "-m", "fedllm", "simulate", *args.scenario, "--quiet"]
     record: dict[str, Any] = {"cold_feature_cache": args.cold}
     for label, flags in (("dp", []), ("no_dp", ["--no-dp"])):
         run_dir = out / label

@@ -1,7 +1,7 @@
 """Theoretical epsilon against the one-run empirical lower bound, with and without DP, on a real scenario.
 
 For the default scenario (hospitals: MiniLM with LoRA on MedMCQA) one client gets ``--canaries``
-random-label canaries, each by a secret fair coin (``fedllm/empirical.py``); the run trains, the black-box
+random-label canaries, each by a secret fair coin (``fedllm/audit/canaries.py``); the run trains, the black-box
 adversary guesses ``--guesses`` of them from the final global model, and the guesses become a 95 % lower
 bound on epsilon. The same run is repeated without DP, which shows what the attack finds when nothing
 protects the canaries. Each run goes through ``fedllm.simulation.simulate``, exactly as ``fedllm simulate``
@@ -44,14 +44,14 @@ def _overrides(args: argparse.Namespace, dp: bool) -> dict[str, Any]:
 
 def run_one(args: argparse.Namespace, dp: bool, out_dir: Path) -> dict[str, Any]:
     """One audited run; returns the result row (the run directory keeps everything else)."""
+    from fedllm.audit.empirical_result import load_result
     from fedllm.config import load_config
-    from fedllm.empirical import load_result
-    from fedllm.runspec import RunSpec
-    from fedllm.simulation import simulate
+    from fedllm.run import lifecycle
+    from fedllm.run.spec import RunSpec
 
     cfg, _ = load_config(args.scenario, _overrides(args, dp))
     started = time.monotonic()
-    simulate(RunSpec(config=cfg, out_dir=out_dir.resolve()))
+    lifecycle.simulate(RunSpec(config=cfg, out_dir=out_dir.resolve()))
     result = load_result(out_dir)
     if result is None:
         raise SystemExit(f"{out_dir}: the run completed no round; no empirical result")
@@ -63,7 +63,7 @@ def run_one(args: argparse.Namespace, dp: bool, out_dir: Path) -> dict[str, Any]
             "rounds": cfg.rounds,
             "local_steps": cfg.training.local_steps,
             "max_examples": cfg.data.max_examples,
-            "budget_epsilon": cfg.client_privacy(result.client).epsilon if dp else None,
+            "budget_epsilon": cfg.client_settings(result.client).epsilon if dp else None,
         },
     }
 

@@ -51,8 +51,8 @@ def bare(args: argparse.Namespace) -> dict[str, float]:
     from fedllm.accounting import make_accountant
     from fedllm.budget import plan_mechanism
     from fedllm.config import load_config
+    from fedllm.data.federation import federation_data
     from fedllm.model import build_model, get_trainable, load_tokenizer, pick_device, set_trainable
-    from fedllm.runspec import federation_data
     from fedllm.training import DPSettings, TokenizedDataset, evaluate, train_dp
 
     t0 = time.perf_counter()
@@ -67,7 +67,7 @@ def bare(args: argparse.Namespace) -> dict[str, float]:
     plans = {
         cid: plan_mechanism(cfg.client_settings(cid), num_examples=len(data), source=cid) for cid, data in train.items()
     }
-    accountants = {cid: make_accountant(cfg.client_privacy(cid).accountant) for cid in train}
+    accountants = {cid: make_accountant(cfg.client_settings(cid).accountant) for cid in train}
     setup = time.perf_counter() - t0
     global_arrays = get_trainable(model)
     evaluate(model, test, batch_size=t.eval_batch_size, device=device)
@@ -140,7 +140,7 @@ def main() -> None:
     pairs: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="fedllm-framework-") as tmp:
         for rep in range(args.repeats):
-            sim_cmd = [sys.executable, "-m", "fedllm.cli", "simulate", args.scenario, *common, "--quiet"]
+            sim_cmd = [sys.executable, "-m", "fedllm", "simulate", args.scenario, *common, "--quiet"]
             sim_cmd += ["--out", str(Path(tmp) / f"run{rep}")] + (["--no-secagg"] if args.no_secagg else [])
             sim = run_tree(sim_cmd, env=dict(os.environ))
             if sim.returncode != 0:

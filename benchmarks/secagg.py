@@ -43,14 +43,15 @@ def measure_mod(msg: Message, ctxt: Context, call_next: ClientAppCallable) -> Me
 
 def _run(clients: int, rounds: int, secagg: bool, bytes_dir: Path, model: str) -> dict:
     from flwr.clientapp import ClientApp
-    from flwr.serverapp import ServerApp
     from flwr.simulation import run_simulation
 
+    from fedllm.apps.server import server_app
+    from fedllm.client import client_for
     from fedllm.config import load_config
-    from fedllm.coordinator import main_for
-    from fedllm.runspec import RunSpec
+    from fedllm.run import lifecycle
+    from fedllm.run.spec import RunSpec
     from fedllm.secure_aggregation import secagg_mod
-    from fedllm.simulation import _client_fn, quiet_logs
+    from fedllm.simulation import quiet_logs
 
     cfg, _ = load_config(
         "tiny",
@@ -65,10 +66,10 @@ def _run(clients: int, rounds: int, secagg: bool, bytes_dir: Path, model: str) -
     out = Path(tempfile.mkdtemp(prefix="secagg-bench-"))
     spec = RunSpec(config=cfg, out_dir=out)
     quiet_logs(False)
-    server = ServerApp()
-    server.main()(main_for(spec))
+    lifecycle.prepare(spec)
+    server = server_app(spec)
     mods = [measure_mod, secagg_mod(lambda _: secagg)]
-    client = ClientApp(client_fn=lambda ctx: _client_fn(spec, ctx), mods=mods)
+    client = ClientApp(client_fn=lambda ctx: client_for(spec, ctx).to_client(), mods=mods)
     os.environ[BYTES_ENV] = str(bytes_dir)
     started = time.monotonic()
     try:
@@ -105,7 +106,7 @@ def _bytes_per_client_round(bytes_dir: Path) -> float:
 def aggregate_error(clients: int = 5, repeats: int = 20) -> dict:
     """SecAgg+'s arithmetic (Flower's quantize / dequantize with our parameters) on MiniLM-LoRA-sized deltas.
 
-    The end-to-end version over Flower's real workflow is ``tests/test_secure_aggregation.py``; this one
+    The end-to-end version over Flower's real workflow is ``tests/unit/test_secure_aggregation.py``; this one
     repeats the arithmetic on a realistic size (81,428 values, as the default scenario's LoRA tensors).
     """
     from flwr.common.secure_aggregation.quantization import dequantize, quantize

@@ -83,10 +83,10 @@ def centralized(toml_path: str) -> dict[str, float]:
     import torch
 
     from fedllm.config import from_dict, read_toml
-    from fedllm.data import TextDataset
+    from fedllm.data.federation import federation_data
+    from fedllm.data.records import TextDataset
     from fedllm.features import node_dataset
     from fedllm.model import build_model, pick_device
-    from fedllm.runspec import federation_data
     from fedllm.training import evaluate, train_plain
 
     cfg = from_dict(read_toml(Path(toml_path)), source=toml_path)
@@ -121,7 +121,7 @@ def run_variant(toml: Path, variant: str, out: Path) -> dict[str, Any]:
         res = _run(cmd)
         rec = json.loads(res.strip().splitlines()[-1])
     else:
-        cmd = [sys.executable, "-m", "fedllm.cli", "simulate", str(toml), "--quiet", "--no-secagg", "--out", str(out)]
+        cmd = [sys.executable, "-m", "fedllm", "simulate", str(toml), "--quiet", "--no-secagg", "--out", str(out)]
         cmd += ["--no-dp"] if variant == "fedavg" else ["--epsilon", variant.removeprefix("eps")]
         _run(cmd)
         metrics = json.loads((out / "metrics.json").read_text())

@@ -15,8 +15,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
-import tempfile
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass
 from functools import lru_cache
@@ -25,6 +23,7 @@ from pathlib import Path
 
 from opacus.accountants import IAccountant, create_accountant, register_accountant
 
+from fedllm.files import atomic_write_text
 from fedllm.paths import cache_dir
 
 SAMPLING = "poisson"
@@ -193,12 +192,18 @@ def epsilon_of(kind: str, history: Sequence[tuple[float, float, int]], delta: fl
     return _epsilon_cached(kind, tuple(tuple(h) for h in history), delta)
 
 
+# The cache key of :func:`independent_epsilon` in the one epsilon cache (not an accountant a run can name).
+_REFERENCE = "dp-accounting reference PLD"
+
+
 @lru_cache(maxsize=1024)
 def _epsilon_cached(kind: str, history: tuple[tuple[float, float, int], ...], delta: float) -> float:
     """A pure function of its arguments, and an evaluation costs 0.1-4 s: a client asks for the same
-    history up to three times a round (spent, projected, reported)."""
+    history up to three times a round (spent, projected, reported), and an audit once per ledger row."""
     if not history:
         return 0.0
+    if kind == _REFERENCE:
+        return dp_accounting_epsilon([Mechanism(s, q, n, 1.0) for s, q, n in history], delta)
     if kind == "pld":
         return _adaptive_pld_epsilon(grouped(history), delta)
     accountant = make_accountant(kind, history)
@@ -208,7 +213,18 @@ def _epsilon_cached(kind: str, history: tuple[tuple[float, float, int], ...], de
 
 
 def epsilon_of_mechanisms(kind: str, mechanisms: Iterable[Mechanism], delta: float) -> float:
-    return epsilon_of(kind, history_of(mechanisms), delta)
+    """The accountant ``kind`` over these mechanisms (cached by their Opacus history: an audit recomputes
+    many rows and clients that share one)."""
+    return epsilon_of(kind, history_of(mechanisms), float(delta))
+
+
+def independent_epsilon(mechanisms: Iterable[Mechanism], delta: float) -> float:
+    """:func:`dp_accounting_epsilon` as the audit asks for it: cached, and over the Opacus history.
+
+    Consecutive rounds with equal noise and rate are passed as one self-composition of all their steps:
+    the same mechanism, mathematically, but PLD composes it by one FFT power instead of round by round.
+    """
+    return _epsilon_cached(_REFERENCE, tuple(history_of(mechanisms)), float(delta))
 
 
 def dp_accounting_epsilon(mechanisms: Iterable[Mechanism], delta: float) -> float:
@@ -352,15 +368,9 @@ def _read_entry(path: Path, key: dict[str, object]) -> float | None:
 
 
 def _write_atomically(path: Path, text: str) -> None:
-    """Write-then-rename, so a concurrent reader (another Ray actor) sees the old entry or the new one."""
+    """A concurrent reader (another Ray actor) sees the old entry or the new one; a read-only cache costs
+    time, not correctness."""
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+        atomic_write_text(path, text)
     except OSError:
-        return  # a read-only cache costs time, not correctness
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except OSError:
-        Path(tmp).unlink(missing_ok=True)
+        return

@@ -15,13 +15,11 @@ Everything cryptographic is the ``cryptography`` package's.
 
 from __future__ import annotations
 
-import argparse
 import datetime as dt
 import ipaddress
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
@@ -257,32 +255,3 @@ def make_consortium(
             f"node key {name:<12} {path}  (public {public_path(path).name}, {fingerprint(public_openssh(key))})"
         )
     return done
-
-
-# ------------------------------------------------------------------------------------------------ command
-
-
-def register(subparsers: Any) -> argparse.ArgumentParser:
-    """Add ``certs DIR --san ... --node ... [--days N] [--force]`` to the ``fedllm`` command."""
-    parser = subparsers.add_parser("certs", help="make a consortium's CA, SuperLink certificate and node keys")
-    parser.add_argument("dir", type=Path, help="the consortium's credentials directory")
-    parser.add_argument(
-        "--san",
-        action="append",
-        default=[],
-        metavar="HOST",
-        help="a DNS name or IP address the SuperLink is reached by (repeat); makes a new CA and server certificate",
-    )
-    parser.add_argument(
-        "--node", action="append", default=[], metavar="NAME", help="an institution to make a node key for (repeat)"
-    )
-    parser.add_argument("--days", type=int, default=DEFAULT_DAYS, help=f"validity (default {DEFAULT_DAYS})")
-    parser.add_argument("--force", action="store_true", help="replace existing keys (old ones stop working)")
-    parser.set_defaults(handler=run)
-    return parser
-
-
-def run(args: argparse.Namespace) -> int:
-    for line in make_consortium(args.dir, args.san, args.node, days=args.days, force=args.force):
-        print(line)
-    return 0

@@ -27,14 +27,17 @@ from fedllm.accounting import NO_RELEASE, Mechanism, history_of, make_accountant
 from fedllm.budget import ClientBudget, plan_mechanism
 from fedllm.checkpoint import arrays_hash
 from fedllm.config import ClientSettings, FederationConfig, ModelConfig, config_hash
-from fedllm.data import ClientSplit
+from fedllm.data.federation import federation_data
+from fedllm.data.readers import read_table
+from fedllm.data.records import ClientSplit, TextDataset
 from fedllm.errors import ConfigError
 from fedllm.features import FeatureDataset, node_dataset
 from fedllm.ledger import Ledger, entry_to_metrics, make_entry
 from fedllm.model import build_model, get_trainable, pick_device, set_trainable
 from fedllm.profile import NODE_CONFIG_KEY as PROFILE_KEY
 from fedllm.profile import load_profile
-from fedllm.runspec import RunSpec, federation_data
+from fedllm.run.rundir import ClientDir
+from fedllm.run.spec import RunSpec
 from fedllm.secure_aggregation import Masking, encode_update, zero_update
 from fedllm.signing import load_or_create_key, public_openssh, sign
 from fedllm.training import DPSettings, TokenizedDataset, evaluate, train_dp, train_plain
@@ -93,12 +96,35 @@ def _model(model_cfg: ModelConfig, num_labels: int) -> torch.nn.Module:
 
 
 @lru_cache(maxsize=64)
-def _assets(config: FederationConfig, client_id: str) -> NodeAssets:
+def _assets(config: FederationConfig, client_id: str, extra_rows: str | None = None) -> NodeAssets:
+    """The client's partition, plus the rows of ``extra_rows`` when given; cached, so the node tokenizes once
+    per run, not once per round."""
     fed = federation_data(config)
     split = next((c for c in fed.clients if c.client_id == client_id), None)
     if split is None:
         raise ConfigError(f"client '{client_id}': the run's data gives it no rows (a deployed node needs a profile)")
+    if extra_rows is not None:
+        split = with_extra_rows(split, Path(extra_rows), fed.label_names)
     return assets_for(config, split, len(fed.label_names))
+
+
+def with_extra_rows(split: ClientSplit, path: Path, label_names: tuple[str, ...]) -> ClientSplit:
+    """``split`` with the rows of ``path`` (columns text and label, a label name) added to its training data.
+
+    Extra rows in a client's state folder (``ClientDir.extra_rows_path``) are how an empirical audit's
+    canaries reach the audited client: as plain training rows, read like any data file. The client does not
+    know that it is audited, and nothing of the audit is imported here.
+    """
+    index = {name: i for i, name in enumerate(label_names)}
+    rows = read_table(path, "text", "label")
+    unknown = sorted({label for _, label in rows if label not in index})
+    if unknown:
+        raise ConfigError(f"{path}: label(s) {', '.join(unknown)} are not among the federation's labels")
+    train = TextDataset(
+        split.train.texts + tuple(text for text, _ in rows),
+        split.train.labels + tuple(index[label] for _, label in rows),
+    )
+    return replace(split, train=train)
 
 
 def assets_for(config: FederationConfig, split: ClientSplit, num_labels: int) -> NodeAssets:
@@ -127,7 +153,7 @@ class FedClient(NumPyClient):
     ):
         self.config = config
         # In deployment the node key the consortium registered also signs this client's ledger rows.
-        self.signing_key = signing_key or state_dir / "node_key"
+        self.signing_key = signing_key or ClientDir(state_dir).key_path
         self.client_id = client_id
         # A deployed node passes its profile's settings (already checked equal to the run's).
         self.privacy = settings or config.client_settings(client_id)
@@ -210,7 +236,7 @@ class FedClient(NumPyClient):
         self.node_state[ROUND_MODEL_KEY] = f"{server_round}:{arrays_hash(parameters)}"
         if not self.privacy.enabled:
             return self._fit_plain(parameters, server_round, config)
-        with Ledger(self.state_dir / "ledger.sqlite") as ledger:
+        with Ledger(ClientDir(self.state_dir).ledger_path) as ledger:
             budget = ClientBudget(ledger, self.client_id, self.privacy, self.node_state)
             mechanism = self._mechanism()
             decision = budget.decide(mechanism)
@@ -326,8 +352,6 @@ def client_for(spec: RunSpec, context: Context) -> FedClient:
     if PROFILE_KEY in context.node_config:
         return client_for_profile(spec, context)
     faults.refuse_if_set("simulation")
-    from fedllm.empirical import client_assets
-
     partition = int(context.node_config["partition-id"])
     client_id = spec.config.clients[partition].id
     return FedClient(
@@ -336,8 +360,14 @@ def client_for(spec: RunSpec, context: Context) -> FedClient:
         state_dir=spec.client_dir(client_id),
         node_state=NodeState(context),
         run_id=spec.run_id or str(context.run_id),
-        assets=client_assets(spec.config, client_id, spec.client_dir(client_id)),  # + canaries, if audited
+        assets=_assets(spec.config, client_id, _extra_rows(ClientDir(spec.client_dir(client_id)))),
     )
+
+
+def _extra_rows(folder: ClientDir) -> str | None:
+    """The client's extra training rows (an empirical audit's included canaries), if its folder holds any."""
+    path = folder.extra_rows_path
+    return str(path) if path.is_file() and path.stat().st_size > 0 else None
 
 
 def client_for_profile(spec: RunSpec, context: Context) -> FedClient:

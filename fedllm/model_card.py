@@ -10,8 +10,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from fedllm.audit import read_entries
-from fedllm.report import build_report
+from fedllm.ledger import read_entries
+from fedllm.report.facts import build_report
+from fedllm.run.rundir import RunDir
 
 
 def _num(x: Any, digits: int = 4) -> str:
@@ -34,7 +35,8 @@ def _table(header: list[str], rows: list[list[Any]]) -> list[str]:
 def card_facts(run_dir: Path) -> dict[str, Any]:
     """The card's facts, separately from their rendering, so tests can check them against the ledger."""
     report = build_report(Path(run_dir))
-    entries = read_entries(Path(run_dir) / "ledger.sqlite") if (Path(run_dir) / "ledger.sqlite").is_file() else []
+    ledger = RunDir(run_dir).ledger_path
+    entries = read_entries(ledger) if ledger.is_file() else []
     return {
         "report": report,
         "ledger_head": entries[-1].hash if entries else None,

@@ -11,7 +11,7 @@ config); here they are hashed and nothing else: never unpacked, installed or imp
 
 The Runtime API calls are Flower 1.42's own (``flwr.supernode.runtime.run_clientapp`` and
 ``flwr.supercore``), which Flower does not document as public: ``flwr`` is pinned, and
-``tests/test_node_runner.py`` exercises them against a real SuperLink and SuperNode.
+``tests/unit/test_node_runner.py`` exercises them against a real SuperLink and SuperNode.
 """
 
 from __future__ import annotations

@@ -22,7 +22,8 @@ from pathlib import Path
 from typing import Any
 
 from fedllm.config import ACCOUNTANTS, ClientSettings, FederationConfig, read_toml
-from fedllm.data import ClientSplit, load_client_file
+from fedllm.data.federation import load_client_file
+from fedllm.data.records import ClientSplit
 from fedllm.errors import ConfigError
 
 NODE_CONFIG_KEY = "profile"  # the --node-config key that carries the profile's absolute path

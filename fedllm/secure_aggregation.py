@@ -5,7 +5,7 @@ not its weights: deltas are small and centred on zero, so SecAgg+'s fixed quanti
 over +/- ``clipping_range``) spends its precision where the values are. SecAgg+ multiplies each delta by
 its weight / ``max_weight`` before quantizing, so ``max_weight`` is set to the largest client's example
 count (not Flower's default 1000, whose grid can drown a fine-tuning update). With both, the masked
-aggregate equals plain FedAvg up to stochastic rounding; ``tests/test_secure_aggregation.py`` measures it.
+aggregate equals plain FedAvg up to stochastic rounding; ``tests/unit/test_secure_aggregation.py`` measures it.
 
 The client also *insists* on the protocol: a client whose config requires secure aggregation answers a
 plain training request with an error rather than an update in clear, so a coordinator cannot downgrade.

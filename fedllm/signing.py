@@ -12,7 +12,6 @@ import base64
 import hashlib
 import logging
 import os
-import secrets
 from pathlib import Path
 
 from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
@@ -20,34 +19,17 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from fedllm.errors import FedllmError
+from fedllm.files import PRIVATE_MODE, PUBLIC_MODE, atomic_write_bytes, create_new
 
 log = logging.getLogger("fedllm.signing")
 
 CURVE = ec.SECP384R1()
 HASH = hashes.SHA384()
-PRIVATE_MODE = 0o600
-PUBLIC_MODE = 0o644
 
 
 def public_path(path: Path) -> Path:
     """``node_key`` -> ``node_key.pub`` (appended, not a replaced suffix: ``a.key`` -> ``a.key.pub``)."""
     return path.with_name(path.name + ".pub")
-
-
-def _write_new(path: Path, data: bytes, mode: int) -> Path:
-    """Write ``data`` to a fresh temporary file beside ``path``, created with ``mode`` and fsync'd."""
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(8)}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
-    try:
-        os.fchmod(fd, mode)  # the umask may have removed bits we want; it can never have added any
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return tmp
 
 
 def _write_public(path: Path, key: ec.EllipticCurvePrivateKey) -> None:
@@ -87,14 +69,8 @@ def load_or_create_key(path: Path) -> ec.EllipticCurvePrivateKey:
     path.parent.mkdir(parents=True, exist_ok=True)
     if not path.exists():
         key = ec.generate_private_key(CURVE)
-        tmp = _write_new(path, private_openssh(key), PRIVATE_MODE)
-        try:
-            os.link(tmp, path)
+        if create_new(path, private_openssh(key), mode=PRIVATE_MODE):  # else created concurrently: that one
             log.info("created node key %s (public key fingerprint %s)", path, fingerprint(public_openssh(key)))
-        except FileExistsError:
-            pass  # created concurrently: that one is the node's key
-        finally:
-            tmp.unlink(missing_ok=True)
     key = _load(path)
     _write_public(path, key)
     return key
@@ -113,20 +89,15 @@ def write_private(path: Path, data: bytes, *, overwrite: bool = False) -> None:
     Without ``overwrite`` an existing file is never replaced (``FileExistsError``, raised atomically by
     ``link``): losing a key that others have registered or trust is worse than a failed command.
     """
-    tmp = _write_new(path, data, PRIVATE_MODE)
-    try:
-        if overwrite:
-            os.replace(tmp, path)
-        else:
-            os.link(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    if overwrite:
+        atomic_write_bytes(path, data, mode=PRIVATE_MODE)
+    elif not create_new(path, data, mode=PRIVATE_MODE):
+        raise FileExistsError(path)
 
 
 def write_public(path: Path, text: str) -> None:
     """A public file (certificate, ``.pub`` key), mode 0644, replaced atomically."""
-    tmp = _write_new(path, text.encode(), PUBLIC_MODE)
-    os.replace(tmp, path)
+    atomic_write_bytes(path, text.encode(), mode=PUBLIC_MODE)
 
 
 def public_openssh(key: ec.EllipticCurvePrivateKey | ec.EllipticCurvePublicKey) -> str:

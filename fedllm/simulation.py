@@ -19,27 +19,13 @@ import os
 import socket
 import sys
 import warnings
-from collections.abc import Callable
-from functools import partial
 
-from flwr.app import Context
 from flwr.clientapp import ClientApp
 from flwr.serverapp import ServerApp
 
 from fedllm import faults
-from fedllm import metrics as run_metrics
 from fedllm.config import FederationConfig, SimulationConfig
-from fedllm.coordinator import main_for
 from fedllm.errors import ConfigError
-from fedllm.metrics import RoundRecord, RunMetrics
-from fedllm.runspec import RunSpec
-from fedllm.secure_aggregation import secagg_mod
-
-
-def _client_fn(spec: RunSpec, context: Context):
-    from fedllm.client import client_for
-
-    return client_for(spec, context).to_client()
 
 
 def quiet_logs(verbose: bool) -> None:
@@ -153,24 +139,47 @@ def prepare_environment(verbose: bool) -> None:
     quiet_logs(verbose)
 
 
-def simulate(
-    spec: RunSpec, *, on_round: Callable[[RoundRecord], None] | None = None, verbose: bool = False
-) -> RunMetrics:
+def _sweep_waiting_nodes(state, queue, nodes_mapping, f_stop) -> None:  # type: ignore[no-untyped-def]
+    """Flower 1.42's ``vce_api.add_messages_to_queue``, asking only nodes that have a message waiting.
+
+    Flower's loop asks the link state for every registered node's next message ten times a second, and each
+    ask scans every stored message: at 10,000 nodes a sweep keeps a core busy while a round's messages are
+    out (the CPU its clients train on) and delays each message by up to a sweep. Same messages, at most one
+    per node per sweep as before, same expiry checks; O(stored messages) a sweep, not O(nodes x messages).
+    """
+    store = getattr(state, "message_ins_store", None)
+    if store is None or not hasattr(state, "_check_stored_messages"):
+        return _FLOWER_SWEEP[0](state, queue, nodes_mapping, f_stop)  # another link state: Flower's own loop
+    while not f_stop.is_set():
+        with state.lock:
+            state._check_stored_messages(set(store))
+            waiting = dict.fromkeys(m.metadata.dst_node_id for m in store.values() if m.metadata.delivered_at == "")
+        for node_id in waiting:
+            if node_id in nodes_mapping:
+                for msg in state.get_message_ins(node_id=node_id, limit=1):
+                    queue.put(msg)
+        f_stop.wait(0.1)
+
+
+_FLOWER_SWEEP: list = []
+
+
+def sweep_only_waiting_nodes() -> None:
+    """Swap in :func:`_sweep_waiting_nodes` (idempotent); cost per round then follows the sampled clients."""
+    from flwr.server.superlink.fleet.vce import vce_api
+
+    if not _FLOWER_SWEEP:
+        _FLOWER_SWEEP.append(vce_api.add_messages_to_queue)
+        vce_api.add_messages_to_queue = _sweep_waiting_nodes
+
+
+def run_engine(cfg: FederationConfig, server_app: ServerApp, client_app: ClientApp, verbose: bool = False) -> None:
+    """One ServerApp and ``cfg.num_clients`` SuperNodes in Flower's simulation engine; Ray is released after."""
     prepare_environment(verbose)
     from flwr.simulation import run_simulation
 
-    from fedllm import empirical
-
-    cfg = spec.config
     check_placement(cfg)
-    empirical.prepare(spec)  # an [empirical_audit] run: canaries and secret coins before any client starts
-    server_app = ServerApp()
-    server_app.main()(main_for(spec, on_round))
-    required = cfg.secure_aggregation.enabled
-    client_app = ClientApp(
-        client_fn=partial(_client_fn, spec),
-        mods=[secagg_mod(lambda _: required, lambda _: cfg.secure_aggregation.min_peers)],
-    )
+    sweep_only_waiting_nodes()
     try:
         if cfg.simulation.ray_address:
             print(f"fedllm: {join_cluster(cfg.simulation.ray_address, verbose)}", file=sys.stderr)
@@ -186,5 +195,3 @@ def simulate(
 
         if ray.is_initialized():
             ray.shutdown()  # our private instance stops; on a joined cluster only this driver disconnects
-    empirical.finish(spec)  # the adversary's guesses on the final model, and the lower bound
-    return run_metrics.read(spec.out_dir / "metrics.json")

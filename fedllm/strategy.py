@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
-from pathlib import Path
+from dataclasses import dataclass
 
 import numpy as np
 from flwr.common import (
@@ -28,11 +28,10 @@ from flwr.server.client_proxy import ClientProxy
 from flwr.server.criterion import Criterion
 from flwr.server.strategy import FedAvg
 
-from fedllm import metrics as run_metrics
-from fedllm.accounting import NO_RELEASE
 from fedllm.checkpoint import arrays_hash
-from fedllm.ledger import Ledger, LedgerEntry, entry_from_metrics, make_entry
-from fedllm.metrics import ClientRound, RoundRecord, RunMetrics, finite_or_none
+from fedllm.ledger import entry_from_metrics
+from fedllm.metrics import ClientRound, RoundRecord, finite_or_none
+from fedllm.run.recorder import Recorder
 from fedllm.secure_aggregation import Masking, apply_delta
 
 log = logging.getLogger("fedllm.server")
@@ -48,28 +47,32 @@ class _Eligible(Criterion):
         return client.cid not in self.excluded
 
 
+@dataclass(frozen=True)
+class Selection:
+    """Who is asked each round: ``clients_per_round`` of the ``num_clients`` registered, while at least
+    ``min_clients`` have budget left."""
+
+    num_clients: int
+    clients_per_round: int
+    min_clients: int
+
+
 class BudgetAwareFedAvg(FedAvg):
     def __init__(
         self,
         *,
         initial_arrays: list,
-        num_clients: int,
-        clients_per_round: int,
-        min_clients: int,
-        ledger: Ledger,
-        metrics: RunMetrics,
-        metrics_path: Path,
-        config_hash: str,
+        selection: Selection,
+        recorder: Recorder,
         evaluate_central: EvaluateFn | None = None,
         federated_evaluation: bool = False,
-        on_round: Callable[[RoundRecord], None] | None = None,
         round_offset: int = 0,
         max_update_norm: float | None = None,
-        on_checkpoint: Callable[[int, list[np.ndarray]], None] | None = None,
         masking: Masking | None = None,
     ):
+        num_clients, clients_per_round = selection.num_clients, selection.clients_per_round
         # A masked sum of one update is that update: SecAgg+ rounds need two clients at least.
-        min_clients = max(min_clients, 2) if masking else min_clients
+        min_clients = max(selection.min_clients, 2) if masking else selection.min_clients
         super().__init__(
             fraction_fit=1.0,
             fraction_evaluate=1.0 if federated_evaluation else 0.0,
@@ -86,25 +89,19 @@ class BudgetAwareFedAvg(FedAvg):
         self.clients_per_round = clients_per_round
         self.min_clients = min_clients
         self.num_clients = num_clients
-        self.ledger = ledger
-        self.metrics = metrics
-        self.metrics_path = metrics_path
-        self.config_hash = config_hash
+        self.recorder = recorder
         self.evaluate_central = evaluate_central
-        self.on_round = on_round
         self.round_offset = round_offset  # rounds completed before a resume: Flower counts from 1 again
-        self.on_checkpoint = on_checkpoint
         self.masking = masking  # None: plain FedAvg on updates in clear
         self.exhausted: set[str] = set()  # node ids of clients that refused
         self.client_ids: dict[str, str] = {}  # node id -> institution id, learned from replies
         self._asked: list[str] = []
         self._round_started = time.monotonic()
         self._current: RoundRecord | None = None
-        self._pending: list[LedgerEntry] = []  # this round's rows, filed when the round closes
 
     @property
     def stopped(self) -> bool:
-        return self.metrics.stopped_early is not None
+        return self.recorder.stopped
 
     # ------------------------------------------------------------------------------------------ fit
 
@@ -118,12 +115,12 @@ class BudgetAwareFedAvg(FedAvg):
             return []
         eligible = self.num_clients - len(self.exhausted)
         if eligible < self.min_clients:
-            self.metrics.stopped_early = (
+            reason = (
                 f"round {server_round}: only {eligible} client(s) with budget left, fewer than min_clients"
                 f" = {self.min_clients}"
             )
-            log.warning("stopping: %s", self.metrics.stopped_early)
-            self.save()
+            log.warning("stopping: %s", reason)
+            self.recorder.stop(reason)
             return []
         sample = client_manager.sample(
             num_clients=min(self.clients_per_round, eligible),
@@ -156,7 +153,7 @@ class BudgetAwareFedAvg(FedAvg):
             problem = self._update_problem(update) or (
                 "" if arrays_hash(update) == entry.model_hash else "update does not match its reported model hash"
             )
-        self._pending.append(entry)
+        self.recorder.client_report(entry)
         assert self._current is not None
         self._current.clients[entry.client_id] = ClientRound(
             status=entry.status if not problem else "rejected",
@@ -176,32 +173,13 @@ class BudgetAwareFedAvg(FedAvg):
         return entry.status == "trained" and res.num_examples > 0
 
     def _record_dropped(self, server_round: int, node_id: str) -> None:
-        """A sampled client that never answered: noted in the metrics and, once its id is known, the ledger.
-
-        The ledger row is the coordinator's own, unsigned note (no spend, no mechanism); the client's own
-        ledger still holds whatever it reserved before it vanished.
-        """
+        """A sampled client that never answered: noted in the metrics and, once its id is known, the ledger."""
         client_id = self.client_ids.get(node_id)
         log.warning("client %s dropped out of round %s", client_id or f"node-{node_id}", server_round)
         assert self._current is not None
         self._current.clients[client_id or f"node-{node_id}"] = ClientRound(status="dropped")
-        last = next(iter(self.ledger.entries(client_id=client_id)[-1:]), None) if client_id else None
-        if last is None:
-            return
-        self._pending.append(
-            make_entry(
-                run_id=self.metrics.run_id,
-                round=server_round,
-                client_id=last.client_id,
-                status="dropped",
-                mechanism=NO_RELEASE,
-                delta=last.delta,
-                accountant=last.accountant,
-                epsilon=last.epsilon,
-                budget_epsilon=last.budget_epsilon,
-                config_hash=self.config_hash,
-            )
-        )
+        if client_id:
+            self.recorder.dropped(server_round, client_id)
 
     def _update_problem(self, update: list[np.ndarray], check_norm: bool = True) -> str:
         """Why an update cannot be averaged in (wrong count, shape, dtype, or non-finite values), or ''."""
@@ -276,11 +254,8 @@ class BudgetAwareFedAvg(FedAvg):
     # ------------------------------------------------------------------------------------------ evaluate
 
     def evaluate(self, server_round: int, parameters: Parameters) -> tuple[float, dict[str, Scalar]] | None:
-        """Central evaluation on the coordinator's held-out set; closes the round's record.
-
-        Order matters for resuming: the checkpoint is written before ``metrics.json``, so the metrics never
-        claim a round the checkpoint does not hold.
-        """
+        """Central evaluation on the coordinator's held-out set; closes the round's record (the recorder
+        saves it in the order a resume relies on)."""
         if server_round > 0 and (self.stopped or self._current is None):
             return None
         if server_round == 0 and self.round_offset:
@@ -290,26 +265,16 @@ class BudgetAwareFedAvg(FedAvg):
             loss, accuracy = self.evaluate_central(parameters_to_ndarrays(parameters))
             result = (loss, {"accuracy": accuracy})
         if server_round == 0:
-            if result is not None:
-                self.metrics.initial_loss, self.metrics.initial_accuracy = (
-                    finite_or_none(result[0]),
-                    result[1]["accuracy"],
-                )
-            self.save()
+            loss, accuracy = (finite_or_none(result[0]), result[1]["accuracy"]) if result else (None, None)
+            self.recorder.initial(loss, accuracy)
             return result
         record = self._current
         assert record is not None
         if result is not None:
             record.loss, record.accuracy = finite_or_none(result[0]), float(result[1]["accuracy"])
         record.seconds = time.monotonic() - self._round_started
-        if self.on_checkpoint is not None:
-            self.on_checkpoint(record.round, parameters_to_ndarrays(parameters))
-        self.file_pending()  # after the checkpoint: a resumed run never files a round twice
-        self.metrics.rounds.append(record)
         self._current = None
-        self.save()
-        if self.on_round is not None:
-            self.on_round(record)
+        self.recorder.close_round(record, parameters_to_ndarrays(parameters))
         return result
 
     def configure_evaluate(self, server_round, parameters, client_manager):  # type: ignore[no-untyped-def]
@@ -326,25 +291,9 @@ class BudgetAwareFedAvg(FedAvg):
 
     def aggregate_evaluate(self, server_round, results, failures):  # type: ignore[no-untyped-def]
         """Opt-in federated evaluation: each client's accuracy on its own held-out split."""
-        if not results or not self.metrics.rounds:
+        if not results:
             return None, {}
-        record = self.metrics.rounds[-1]
-        total = sum(res.num_examples for _, res in results)
-        for _, res in results:
-            client = record.clients.get(str(res.metrics["client-id"]))
-            if client is not None:
-                client.test_accuracy = float(res.metrics["accuracy"])
-        record.federated_accuracy = sum(float(r.metrics["accuracy"]) * r.num_examples for _, r in results) / max(
-            total, 1
+        self.recorder.federated_evaluation(
+            {str(r.metrics["client-id"]): (float(r.metrics["accuracy"]), int(r.num_examples)) for _, r in results}
         )
-        self.save()
         return super().aggregate_evaluate(server_round, results, failures)
-
-    def file_pending(self) -> None:
-        """Append this round's rows to the run's ledger in one go, in the order the replies arrived."""
-        for entry in self._pending:
-            self.ledger.append(entry)
-        self._pending = []
-
-    def save(self) -> None:
-        run_metrics.write(self.metrics, self.metrics_path)

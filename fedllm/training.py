@@ -19,10 +19,11 @@ from opacus.utils.batch_memory_manager import wrap_data_loader
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, default_collate
 
-from fedllm import faults
-from fedllm.data import TextDataset
+from fedllm import clipping, faults
+from fedllm.data.records import TextDataset
 
-GRAD_SAMPLE_MODE = {"lora": "hooks", "last-layers": "hooks", "full": "ghost", "head": "hooks"}
+# Full fine-tuning: book-keeping clipping (fedllm/clipping.py), one backward pass where Opacus' ghost ran two.
+GRAD_SAMPLE_MODE = {"lora": "hooks", "last-layers": "hooks", "full": clipping.BOOK_KEEPING, "head": "hooks"}
 
 
 class TokenizedDataset(Dataset):
@@ -177,7 +178,7 @@ def _empty_step(optimizer, params: list[nn.Parameter], ghost: bool) -> None:
     """An empty Poisson batch still releases a noisy gradient and costs privacy: step anyway.
 
     Skipping it would make the accountant count a step that never happened or (worse) skip a release.
-    Hooks mode needs zero-row per-sample gradients; ghost mode sums ``p.grad`` directly.
+    Hooks mode needs zero-row per-sample gradients; ghost and book-keeping modes sum ``p.grad`` directly.
     """
     for p in params:
         if ghost:
@@ -234,23 +235,34 @@ def train_dp(
     engine = PrivacyEngine(accountant=accountant.mechanism())
     engine.accountant = accountant
     grad_mode = GRAD_SAMPLE_MODE[dp.mode]
-    ghost = grad_mode == "ghost"
-    wrapped = engine.make_private(
-        module=model,
-        optimizer=base_optimizer,
-        data_loader=loader,
-        criterion=nn.CrossEntropyLoss(),
-        noise_multiplier=dp.noise_multiplier,
-        max_grad_norm=dp.max_grad_norm,
-        poisson_sampling=False,  # the loader above already samples; see the comment there
-        grad_sample_mode=grad_mode,
-        noise_generator=generator,
-    )
-    if ghost:
-        gsm, dp_optimizer, criterion, dp_loader = wrapped
+    ghost = grad_mode in ("ghost", clipping.BOOK_KEEPING)  # the optimizer takes p.grad as the clipped sum
+    if grad_mode == clipping.BOOK_KEEPING:  # Opacus' optimizer and this loader; the clipping is ours
+        gsm, dp_optimizer, criterion = clipping.make_private(
+            model,
+            base_optimizer,
+            nn.CrossEntropyLoss(),
+            noise_multiplier=dp.noise_multiplier,
+            max_grad_norm=dp.max_grad_norm,
+            noise_generator=generator,
+        )
+        dp_loader = loader
     else:
-        gsm, dp_optimizer, dp_loader = wrapped
-        criterion = nn.CrossEntropyLoss()
+        wrapped = engine.make_private(
+            module=model,
+            optimizer=base_optimizer,
+            data_loader=loader,
+            criterion=nn.CrossEntropyLoss(),
+            noise_multiplier=dp.noise_multiplier,
+            max_grad_norm=dp.max_grad_norm,
+            poisson_sampling=False,  # the loader above already samples; see the comment there
+            grad_sample_mode=grad_mode,
+            noise_generator=generator,
+        )
+        if ghost:
+            gsm, dp_optimizer, criterion, dp_loader = wrapped
+        else:
+            gsm, dp_optimizer, dp_loader = wrapped
+            criterion = nn.CrossEntropyLoss()
     # The accountant records the loader's own rate, once per optimizer step (make_private's hook used
     # 1/len(loader)); the average gradient divides by the expected batch at that rate.
     dp_optimizer.attach_step_hook(accountant.get_optimizer_hook_fn(sample_rate=float(dp_loader.sample_rate)))
@@ -295,7 +307,7 @@ def _maybe_drop_noise(optimizer: DPOptimizer) -> None:
 
     The optimizer's ``noise_multiplier`` is zeroed only while the noise is drawn, so the accountant hook,
     which reads it right after, still records the planned noise: the ledger and the reported epsilon look
-    exactly like a correct run's. That is the bug a one-run audit must catch (``fedllm/empirical.py``).
+    exactly like a correct run's. That is the bug a one-run audit must catch (``fedllm/audit/empirical_attack.py``).
     The switch works only in a test simulation (``fedllm/faults.py``) and is refused anywhere else.
     """
     if not faults.armed(faults.NO_NOISE):

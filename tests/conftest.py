@@ -15,7 +15,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 @pytest.fixture(scope="session")
 def tiny_texts():
     """Two clearly separable classes: a keyword decides the label."""
-    from fedllm.data import TextDataset
+    from fedllm.data.records import TextDataset
 
     rng = random.Random(0)
     filler = "the a patient bank report visit account note form".split()
@@ -145,7 +145,7 @@ state_dir = "state"
     def client(self, config=None, context=None):
         """The real deployed-node client factory (``fedllm/apps/client.py`` calls the same)."""
         from fedllm.client import client_for
-        from fedllm.runspec import spec_from_run_config
+        from fedllm.run.spec import spec_from_run_config
 
         ctx = context or self.context(config or self.run_config())
         return client_for(spec_from_run_config(ctx.run_config), ctx)

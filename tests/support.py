@@ -202,7 +202,9 @@ def make_checkpoint(family: str, out: Path, *, masked_lm: bool = False, seed: in
     ``roberta.embeddings...``, plus an LM head), the layout of checkpoints published on the hub.
     """
     from transformers import AutoConfig, AutoModel, AutoModelForMaskedLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
 
+    hf_logging.disable_progress_bar()  # its bar on stderr is not the command's output tests read
     tokenizer = AutoTokenizer.from_pretrained(str(minilm_path()))
     config = AutoConfig.for_model(
         family, vocab_size=tokenizer.vocab_size, max_position_embeddings=128, pad_token_id=0, **_CONFIGS[family]
@@ -212,3 +214,67 @@ def make_checkpoint(family: str, out: Path, *, masked_lm: bool = False, seed: in
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
     return out
+
+
+def make_strategy(
+    ledger,
+    run_dir: Path,
+    initial: list,
+    *,
+    num_clients: int = 2,
+    clients_per_round: int = 2,
+    min_clients: int = 1,
+    **kwargs,
+):
+    """A ``BudgetAwareFedAvg`` with its recorder on ``run_dir`` (no checkpoint), as the ServerApp builds it."""
+    from fedllm.metrics import RunMetrics
+    from fedllm.run.recorder import Recorder
+    from fedllm.run.rundir import RunDir
+    from fedllm.strategy import BudgetAwareFedAvg, Selection
+
+    metrics = RunMetrics(run_id="r", scenario="t", dp=True, rounds_planned=2)
+    return BudgetAwareFedAvg(
+        initial_arrays=initial,
+        selection=Selection(num_clients, clients_per_round, min_clients),
+        recorder=Recorder(RunDir(run_dir), ledger, metrics, "c"),
+        **kwargs,
+    )
+
+
+# One client, 1 round of tiny-bert full fine-tuning, 200 canaries, 40 guesses: a setting that memorises, so an
+# empirical audit has something to find when the noise is missing (tests/system/test_empirical_run.py).
+EMPIRICAL_SCENARIO = """
+name = "empirical-tiny"
+rounds = 1
+num_clients = 1
+seed = 0
+
+[model]
+name = "tiny-bert"
+mode = "full"
+max_length = 32
+
+[data]
+source = "synthetic"
+partition = "iid"
+max_examples = 200
+test_fraction = 0.1
+max_central_test = 50
+
+[training]
+local_steps = 200
+batch_size = 16
+learning_rate = 5e-3
+
+[privacy]
+epsilon = 0.25  # small: a noise-free run clears it by a wide margin (29 of 40 right suffice; seen 34-40)
+delta = 1e-5
+
+[secure_aggregation]
+enabled = false  # one client: the final model is its own, undiluted by averaging (run to run stable)
+
+[empirical_audit]
+enabled = true
+canaries = 200
+guesses = 40
+"""

@@ -20,6 +20,13 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
+
+from fedllm import checkpoint, metrics
+from fedllm.checkpoint import Checkpoint
+from fedllm.config import FederationConfig, from_dict, read_toml, to_toml
+from fedllm.files import atomic_write_text
+from fedllm.metrics import RunMetrics
 
 CONFIG = "config.toml"
 LEDGER = "ledger.sqlite"
@@ -30,6 +37,10 @@ CLIENTS = "clients"
 EMPIRICAL = "empirical"
 NODE_KEY = "node_key"
 EXTRA_ROWS = "extra_rows.jsonl"
+# In DIR/empirical/: every canary and its secret coin, the adversary's result, a re-run of the run's config.
+EMPIRICAL_SECRET = "canaries.json"
+EMPIRICAL_RESULT = "result.json"
+EMPIRICAL_RERUN = "rerun"
 
 
 @dataclass(frozen=True)
@@ -82,6 +93,18 @@ class RunDir:
     def empirical_dir(self) -> Path:
         return self.root / EMPIRICAL
 
+    @property
+    def empirical_secret_path(self) -> Path:
+        return self.root / EMPIRICAL / EMPIRICAL_SECRET
+
+    @property
+    def empirical_result_path(self) -> Path:
+        return self.root / EMPIRICAL / EMPIRICAL_RESULT
+
+    @property
+    def empirical_rerun_dir(self) -> Path:
+        return self.root / EMPIRICAL / EMPIRICAL_RERUN
+
     def report_path(self, kind: str) -> Path:
         return self.root / REPORTS[kind]
 
@@ -101,18 +124,21 @@ class RunDir:
     def config_sha256(self) -> str:
         return hashlib.sha256(self.config_path.read_bytes()).hexdigest()
 
-    def read_config(self):  # -> FederationConfig
-        """The run's configuration, parsed and validated by its owner; errors name the file."""
-        from fedllm.config import from_dict, read_toml
+    def write_config(self, cfg: FederationConfig) -> None:
+        """The resolved configuration, written once when a run starts (creates the directory)."""
+        atomic_write_text(self.config_path, to_toml(cfg))
 
+    def read_config(self) -> FederationConfig:
+        """The run's configuration, parsed and validated by its owner; errors name the file."""
         return from_dict(read_toml(self.config_path), source=str(self.config_path))
 
-    def read_metrics(self):  # -> RunMetrics
-        from fedllm import metrics
+    def read_config_data(self) -> dict[str, Any]:
+        """``config.toml`` as plain TOML data, unvalidated ({} when absent): what a report shows, and what an
+        auditor falls back on when the file no longer parses as a configuration."""
+        return read_toml(self.config_path) if self.config_path.is_file() else {}
 
+    def read_metrics(self) -> RunMetrics:
         return metrics.read(self.metrics_path)
 
-    def read_checkpoint(self):  # -> Checkpoint
-        from fedllm import checkpoint
-
+    def read_checkpoint(self) -> Checkpoint:
         return checkpoint.load(self.checkpoint_path)

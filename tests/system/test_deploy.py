@@ -33,11 +33,11 @@ import psutil
 import pytest
 from support import project_copy
 
-from fedllm.audit import audit
+from fedllm.audit.verify import audit
 from fedllm.certs import ConsortiumPaths, make_consortium
 from fedllm.ledger import Ledger
 from fedllm.metrics import read as read_metrics
-from fedllm.report import write_reports
+from fedllm.report.write import write_reports
 
 ROOT = Path(__file__).resolve().parents[2]
 LABELS = ("finance", "health", "sports", "weather")
@@ -168,7 +168,7 @@ class Processes:
         log.parent.mkdir(parents=True, exist_ok=True)
         with log.open("wb") as out:
             proc = subprocess.Popen(
-                [*self.topo.prefix(host), sys.executable, "-m", "fedllm.cli", *args],
+                [*self.topo.prefix(host), sys.executable, "-m", "fedllm", *args],
                 cwd=self.root,
                 env=self.env,
                 stdout=out,

@@ -15,7 +15,7 @@ import pytest
 from fedllm import faults
 from fedllm import metrics as run_metrics
 from fedllm.accounting import epsilon_of_mechanisms
-from fedllm.audit import audit
+from fedllm.audit.verify import audit
 from fedllm.cli import main
 from fedllm.ledger import Ledger
 
@@ -58,7 +58,7 @@ CLIENT = textwrap.dedent(
     from fedllm.config import load_config
     from fedllm.client import FedClient
     from fedllm.model import build_model, get_trainable
-    from fedllm.runspec import federation_data
+    from fedllm.data.federation import federation_data
 
     cfg, _ = load_config("tiny", {"training.local_steps": int(sys.argv[2])})
     fed = federation_data(cfg)

@@ -2,8 +2,10 @@
 
 Headless Chromium opens the file from disk with every network path closed (proxy to a dead port, every host
 unresolvable, background services off); the page's inline script sets ``data-rendered="ok"`` and counts
-the epsilon series and client rows on ``<body>``, and the dumped DOM is checked. Installing Chromium
-(Debian package ``chromium``) is the CI script's job; without it this test is skipped.
+the epsilon series and client rows on ``<body>`` (and, when the run has sibling runs of its scenario, the
+points of the accuracy-vs-epsilon curve and the width the browser laid it out at), and the dumped DOM is
+checked. Installing Chromium (Debian package ``chromium``) is the CI script's job; without it this test is
+skipped.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from pathlib import Path
 import pytest
 from support import write_run
 
-from fedllm.report import write_reports
+from fedllm.report.write import write_folder_reports, write_reports
 
 CHROMIUM_CANDIDATES = ("/usr/bin/chromium", "chromium", "chromium-browser")
 TIMEOUT_S = 60
@@ -88,3 +90,32 @@ def test_screenshot(report_html, tmp_path):
     data = shot.read_bytes()
     assert data[:8] == b"\x89PNG\r\n\x1a\n"
     assert len(data) > 20_000  # charts and tables, not a blank page (a blank 1200x1600 page is about 9 kB)
+
+
+def _body_attrs(binary: str, page: Path, profile: Path) -> dict[str, str]:
+    proc = _run_chromium(binary, profile, "--dump-dom", page.resolve().as_uri())
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    body = re.search(r"<body([^>]*)>", proc.stdout)
+    assert body, proc.stdout[:2000]
+    return dict(re.findall(r'data-(\w+)="([^"]*)"', body.group(1)))
+
+
+def test_curve_renders_offline(tmp_path_factory, tmp_path):
+    """A run beside two others of its scenario: its page draws the accuracy-vs-epsilon curve (two private runs,
+    the non-private one dashed), and so does the folder's comparison page."""
+    binary = _chromium()
+    folder = tmp_path_factory.mktemp("browser-curve")
+    write_run(folder / "dp-3", rounds=3)
+    write_run(folder / "dp-2", rounds=2)
+    write_run(folder / "nodp", rounds=1, dp=False)
+    pages = write_folder_reports(folder)
+    run_page, folder_page = pages[1]["html"], pages[-1]["html"]
+    assert run_page == folder / "dp-3" / "report.html" and folder_page == folder / "report.html"
+    attrs = _body_attrs(binary, run_page, tmp_path / "profile")
+    assert attrs.get("rendered") == "ok", attrs
+    assert attrs["expect"].split() == ["epsilon-chart", "accuracy-chart", "clients-table", "curve-chart"]
+    assert attrs["curve"] == "2" and int(attrs["curvewidth"]) > 100  # two points, laid out apart on the x axis
+    assert attrs["series"] == "3" and attrs["rows"] == "3"
+    attrs = _body_attrs(binary, folder_page, tmp_path / "profile")
+    assert attrs.get("rendered") == "ok", attrs
+    assert attrs["curve"] == "2" and int(attrs["curvewidth"]) > 100

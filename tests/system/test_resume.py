@@ -62,7 +62,7 @@ def _wait_for_reservation(state: Path, round_: int, proc: subprocess.Popen, time
 @pytest.mark.slow
 def test_sigkill_mid_round_then_resume(tmp_path):
     out = tmp_path / "run"
-    cmd = [sys.executable, "-m", "fedllm.cli", "simulate", str(_scenario(tmp_path, 4)), "--quiet", "--out", str(out)]
+    cmd = [sys.executable, "-m", "fedllm", "simulate", str(_scenario(tmp_path, 4)), "--quiet", "--out", str(out)]
     # client-1 hangs in round 2 after reserving its spend: the kill lands mid-round, whatever the machine's speed
     env = {**os.environ, faults.TESTING: "1", faults.STALL: "client-1:2"}
     proc = subprocess.Popen(cmd, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)

@@ -37,7 +37,7 @@ def test_outputs_exist_and_config_is_resolved(tiny_run):
     assert metrics.dp and metrics.rounds_planned == 3 and len(metrics.rounds) == 3
     resolved = from_dict(tomllib.loads((tiny_run / "config.toml").read_text()))
     assert resolved.client_ids == ["alpha", "beta", "gamma"]
-    assert resolved.client_privacy("beta").epsilon == 2.0 and resolved.client_privacy("beta").planned_rounds == 2
+    assert resolved.client_settings("beta").epsilon == 2.0 and resolved.client_settings("beta").planned_rounds == 2
 
 
 def test_federated_evaluation_is_recorded_when_opted_in(tiny_run):

@@ -9,8 +9,8 @@ import pytest
 
 from fedllm.config import load_config
 from fedllm.ledger import Ledger
-from fedllm.runspec import RunSpec
-from fedllm.simulation import simulate
+from fedllm.run import lifecycle
+from fedllm.run.spec import RunSpec
 
 
 def _tree_rss() -> int:
@@ -39,7 +39,7 @@ def test_fifty_clients_thirty_rounds_memory_is_flat(tmp_path: Path):
         },
     )
     samples: dict[int, int] = {}
-    metrics = simulate(
+    metrics = lifecycle.simulate(
         RunSpec(config=cfg, out_dir=tmp_path / "run"), on_round=lambda r: samples.__setitem__(r.round, _tree_rss())
     )
     assert [r.round for r in metrics.rounds] == list(range(1, 31))

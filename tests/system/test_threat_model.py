@@ -15,7 +15,7 @@ from __future__ import annotations
 # client` starts it, with the trust policy of a real profile and the node's own bundle hash) receives the
 # real bundle built from that copy; the Runtime API around it is replaced by a recorder, the node's
 # installed ClientApp by a spy. The loopback twin, through a real SuperLink and SuperNode, is in
-# tests/test_node_runner.py; the deployed one, through `fedllm run`, in tests/test_deploy.py.
+# tests/unit/test_node_runner.py; the deployed one, through `fedllm run`, in tests/system/test_deploy.py.
 
 _F1_HOSTILE_LINE = (
     '\n__import__("pathlib").Path({marker!r}).write_text("coordinator code ran")'
@@ -186,6 +186,7 @@ def test_f3_evaluation_is_refused_without_the_opt_in_and_for_any_model_but_the_r
 # Finding 4: the exact training-set size left as the FedAvg weight and moved the mechanism.
 @pytest.mark.parametrize("masked", [False, True])
 def test_f4_nothing_that_leaves_depends_on_the_true_row_count(deployed_node, masked):
+
     from fedllm.ledger import Ledger, entry_from_metrics
     from fedllm.secure_aggregation import Masking
 
@@ -208,26 +209,15 @@ def test_f4_nothing_that_leaves_depends_on_the_true_row_count(deployed_node, mas
 def test_f5_the_coordinator_never_applies_a_masked_sum_of_one_update(tmp_path, caplog):
     import numpy as np
     from flwr.common import Code, FitRes, Status, ndarrays_to_parameters
+    from support import make_strategy
 
     from fedllm.accounting import NO_RELEASE
     from fedllm.ledger import Ledger, entry_to_metrics, make_entry
-    from fedllm.metrics import RunMetrics
     from fedllm.secure_aggregation import Masking
-    from fedllm.strategy import BudgetAwareFedAvg
 
     reference = [np.zeros((2, 3), np.float32)]
     with Ledger(tmp_path / "ledger.sqlite") as ledger:
-        strategy = BudgetAwareFedAvg(
-            initial_arrays=reference,
-            num_clients=2,
-            clients_per_round=2,
-            min_clients=2,
-            ledger=ledger,
-            metrics=RunMetrics(run_id="r", scenario="s", dp=True, rounds_planned=2),
-            metrics_path=tmp_path / "metrics.json",
-            config_hash="c",
-            masking=Masking(1.0, 100),
-        )
+        strategy = make_strategy(ledger, tmp_path, reference, min_clients=2, masking=Masking(1.0, 100))
 
         class Proxy:
             def __init__(self, cid):
@@ -395,8 +385,7 @@ def _f7_cut_round(run, cut: int, *, rebuild: bool) -> None:
     import sqlite3
 
     from fedllm import metrics as run_metrics
-    from fedllm.audit import read_entries
-    from fedllm.ledger import Ledger
+    from fedllm.ledger import Ledger, read_entries
 
     path = run / "ledger.sqlite"
     if rebuild:
@@ -418,7 +407,7 @@ def _f7_cut_round(run, cut: int, *, rebuild: bool) -> None:
 
 
 def _f7_own_final(run, client: str) -> float:
-    from fedllm.audit import read_entries
+    from fedllm.ledger import read_entries
 
     return [e.epsilon for e in read_entries(run / "clients" / client / "ledger.sqlite") if e.status == "trained"][-1]
 
@@ -427,7 +416,7 @@ def test_f7_withheld_client_ledgers_make_the_audit_unverified(tiny_run_copy, cap
     """All client ledgers removed: whatever the coordinator's ledger says, it is not "clean"."""
     import json
 
-    from fedllm.audit import audit
+    from fedllm.audit.verify import audit
     from fedllm.cli import main
 
     clients = sorted(p.name for p in (tiny_run_copy / "clients").iterdir())
@@ -462,8 +451,8 @@ def test_f7_cut_round_with_withheld_ledgers_is_not_clean(tiny_run_copy, capsys):
 
 
 def test_f7_one_withheld_ledger_is_named_and_the_report_says_unverified(tiny_run_copy):
-    from fedllm.audit import audit
-    from fedllm.report import build_report
+    from fedllm.audit.verify import audit
+    from fedllm.report.facts import build_report
 
     (tiny_run_copy / "clients" / "client-1" / "node_key.pub").unlink()  # a ledger without its key proves nothing
     result = audit(tiny_run_copy)
@@ -491,8 +480,9 @@ def _f7_check_cut_tail_caught(run, capsys, *, rebuild: bool) -> None:
     own (higher) one, not the cut ledger's."""
     import json
 
-    from fedllm.audit import audit, read_entries
+    from fedllm.audit.verify import audit
     from fedllm.cli import main
+    from fedllm.ledger import read_entries
 
     own_final = {c: _f7_own_final(run, c) for c in ("client-0", "client-1", "client-2")}
     _f7_cut_round(run, 2, rebuild=rebuild)
@@ -521,7 +511,7 @@ def _f7_check_cut_tail_caught(run, capsys, *, rebuild: bool) -> None:
 
 def test_f7_cut_tail_is_caught_by_one_client_ledger(tiny_run_copy):
     """Only client-2 hands its ledger over: enough to catch the cut, and the others stay unverified."""
-    from fedllm.audit import audit
+    from fedllm.audit.verify import audit
 
     true_eps = _f7_own_final(tiny_run_copy, "client-2")
     _f7_cut_round(tiny_run_copy, 2, rebuild=True)

@@ -14,10 +14,11 @@ import pytest
 import torch
 
 from fedllm.accounting import calibrate_noise, epsilon_of, make_accountant
-from fedllm.config import ModelConfig
-from fedllm.data import DataConfig, TextDataset, load_federated
-from fedllm.features import FeatureDataset, encoder, features, node_dataset
-from fedllm.model import build_model, get_trainable
+from fedllm.config import DataConfig, ModelConfig
+from fedllm.data.federation import load_federated
+from fedllm.data.records import TextDataset
+from fedllm.features import FeatureDataset, features, node_dataset
+from fedllm.model import build_model, frozen_encoder, get_trainable
 from fedllm.paths import shared_data_dir
 from fedllm.training import DPSettings, TokenizedDataset, evaluate, train_dp
 
@@ -88,7 +89,7 @@ def test_a_node_reads_what_another_process_embedded_instead_of_embedding_again(t
 
 
 def test_head_mode_trains_only_the_head_and_the_encoder_is_bit_identical(tiny_texts):
-    body = encoder(ModelConfig(name="tiny-bert", max_length=32))
+    body = frozen_encoder(ModelConfig(name="tiny-bert", max_length=32))
     before = _state_digest(body)
     head = build_model(TINY_HEAD, num_labels=2)
     assert [a.shape for a in get_trainable(head)] == [(2, 32), (2,)]  # only the head travels
@@ -109,8 +110,8 @@ def test_head_mode_trains_only_the_head_and_the_encoder_is_bit_identical(tiny_te
     assert _state_digest(body) == before
     assert not any(p.requires_grad for p in body.parameters())
     # and a node that rebuilds the encoder from scratch gets the very same weights
-    encoder.cache_clear()
-    assert _state_digest(encoder(ModelConfig(name="tiny-bert", max_length=32))) == before
+    frozen_encoder.cache_clear()
+    assert _state_digest(frozen_encoder(ModelConfig(name="tiny-bert", max_length=32))) == before
     assert accountant.history == [(1.0, 32 / 120, 30)]
     assert acc > 0.5
 

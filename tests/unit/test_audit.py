@@ -1,8 +1,9 @@
 """The audit recomputes every client's epsilon and catches, by name, each way of tampering with the record.
 
 Runs are built directly (ledgers, signed rows, config.toml, metrics.json) with the real accountant and real
-keys, which takes a second instead of the half minute a simulated run takes; one slow test audits a real
-``fedllm simulate`` run as well. ``write_run`` lives in ``tests/support.py``, shared with the report tests.
+keys, which takes a second instead of the half minute a simulated run takes; the audit of a real
+``fedllm simulate`` run is in ``tests/system/test_audit_run.py``. ``write_run`` lives in ``tests/support.py``,
+shared with the report tests.
 """
 
 from __future__ import annotations
@@ -12,8 +13,6 @@ import json
 import math
 import shutil
 import sqlite3
-import subprocess
-import sys
 import tomllib
 from dataclasses import replace
 from pathlib import Path
@@ -23,8 +22,10 @@ import tomli_w
 from cryptography.hazmat.primitives.asymmetric import ec
 from support import CLIENTS, MECH, RUN_ID, rounds_epsilon, write_run
 
-from fedllm import audit as audit_mod
-from fedllm.ledger import GENESIS, Ledger, LedgerEntry, make_entry
+from fedllm.audit.findings import findings_of_kind
+from fedllm.audit.verify import audit
+from fedllm.cli import audit as audit_command
+from fedllm.ledger import GENESIS, Ledger, LedgerEntry, make_entry, read_entries
 from fedllm.signing import load_or_create_key, public_openssh, sign
 
 # ---------------------------------------------------------------------------------------------- helpers
@@ -39,7 +40,7 @@ def _raw(path: Path) -> sqlite3.Connection:
 
 
 def _rows(path: Path) -> list[LedgerEntry]:
-    return audit_mod.read_entries(path)
+    return read_entries(path)
 
 
 def _seq_of(path: Path, client: str, round_: int) -> int:
@@ -64,7 +65,7 @@ def _kinds(result) -> set[str]:
 def _exit_code(run_dir: Path, *extra: str) -> int:
     parser = argparse.ArgumentParser()
     sub = parser.add_subparsers(dest="command")
-    audit_mod.register(sub)
+    audit_command.register(sub)
     args = parser.parse_args(["audit", str(run_dir), *extra])
     return args.handler(args)
 
@@ -85,7 +86,7 @@ def run_dir(honest_template, tmp_path) -> Path:
 
 
 def test_honest_run_audits_clean(run_dir, capsys):
-    result = audit_mod.audit(run_dir)
+    result = audit(run_dir)
     assert result.findings == []
     assert result.ok and result.private and result.accountant == "prv"
     assert [c.client for c in result.clients] == list(CLIENTS)
@@ -107,15 +108,16 @@ def test_json_output_and_tolerance_flag(run_dir, capsys):
     data = json.loads(capsys.readouterr().out)
     assert data["ok"] is True and data["tolerance"] == 0.02 and data["findings"] == []
     assert {c["client"] for c in data["clients"]} == set(CLIENTS)
+    argparse_fail = argparse.ArgumentParser()
+    audit_command.register(argparse_fail.add_subparsers())
     with pytest.raises(SystemExit):
-        argparse_fail = argparse.ArgumentParser()
-        audit_mod.register(argparse_fail.add_subparsers()).parse_args([str(run_dir), "--tolerance", "7"])
+        argparse_fail.parse_args(["audit", str(run_dir), "--tolerance", "7"])
 
 
 def test_failed_round_reservation_counts_and_is_noted(tmp_path):
     """The client's budget counts a reservation whose training then failed; the audit does too."""
     run = write_run(tmp_path / "run", fail_round={"beta": 2})
-    result = audit_mod.audit(run)
+    result = audit(run)
     assert result.findings == []
     beta = next(c for c in result.clients if c.client == "beta")
     assert beta.rounds_trained == 2
@@ -135,7 +137,7 @@ def test_round_redone_after_a_coordinator_restart_audits_clean(run_dir):
     entry = make_entry(**common, status="trained", config_hash=_rows(run_dir / "ledger.sqlite")[0].config_hash)
     with Ledger(run_dir / "ledger.sqlite") as coord:
         coord.append(replace(entry, signer=public_openssh(key), signature=sign(key, entry.signed_payload())))
-    result = audit_mod.audit(run_dir)
+    result = audit(run_dir)
     assert result.findings == []
     alpha = result.clients[0]
     assert alpha.rounds_trained == 4 and alpha.reported_epsilon == eps
@@ -144,7 +146,7 @@ def test_round_redone_after_a_coordinator_restart_audits_clean(run_dir):
 
 def test_refused_rounds_audit_clean(tmp_path):
     run = write_run(tmp_path / "run", refuse_from={"gamma": 2})
-    result = audit_mod.audit(run)
+    result = audit(run)
     assert result.findings == []
     gamma = next(c for c in result.clients if c.client == "gamma")
     assert gamma.rounds_trained == 1 and gamma.reported_epsilon == rounds_epsilon("prv", 1, 1e-5)
@@ -152,7 +154,7 @@ def test_refused_rounds_audit_clean(tmp_path):
 
 def test_non_private_run_is_reported_as_such(tmp_path, capsys):
     run = write_run(tmp_path / "run", dp=False)
-    result = audit_mod.audit(run)
+    result = audit(run)
     assert result.findings == [] and not result.private
     assert all(
         not c.private and c.reported_epsilon == math.inf and c.recomputed_epsilon is None for c in result.clients
@@ -167,7 +169,7 @@ def test_non_private_run_is_reported_as_such(tmp_path, capsys):
 
 def test_rdp_run_audits_clean(tmp_path):
     """RDP is a looser upper bound than PLD: an honest RDP run must not be flagged for being above PLD."""
-    result = audit_mod.audit(write_run(tmp_path / "run", accountant="rdp", rounds=2))
+    result = audit(write_run(tmp_path / "run", accountant="rdp", rounds=2))
     assert result.findings == []
     c = result.clients[0]
     assert c.reported_epsilon > c.dp_accounting_epsilon * 1.2
@@ -177,7 +179,7 @@ def test_not_a_run_directory(tmp_path):
     from fedllm.errors import FedllmError
 
     with pytest.raises(FedllmError, match=r"no ledger\.sqlite"):
-        audit_mod.audit(tmp_path)
+        audit(tmp_path)
     assert not (tmp_path / "ledger.sqlite").exists()
 
 
@@ -188,10 +190,10 @@ def test_epsilon_edited_in_a_row(run_dir):
     path = run_dir / "ledger.sqlite"
     seq = _seq_of(path, "beta", 2)
     _raw(path).execute("UPDATE entries SET epsilon = 0.5 WHERE seq = ?", (seq,))
-    result = audit_mod.audit(run_dir)
-    edited = audit_mod.findings_of_kind(result, ["epsilon edited"])
+    result = audit(run_dir)
+    edited = findings_of_kind(result, ["epsilon edited"])
     assert edited and any(f"row seq {seq} " in f and "client beta" in f for f in edited)
-    assert any(f"row seq {seq}" in f for f in audit_mod.findings_of_kind(result, ["row edited"]))
+    assert any(f"row seq {seq}" in f for f in findings_of_kind(result, ["row edited"]))
     assert not next(c for c in result.clients if c.client == "beta").ok
     assert next(c for c in result.clients if c.client == "alpha").ok
     assert _exit_code(run_dir) == 1
@@ -203,9 +205,9 @@ def test_epsilon_edited_and_chain_rehashed(run_dir):
     seq = _seq_of(path, "alpha", 3)
     _raw(path).execute("UPDATE entries SET epsilon = 1.0 WHERE seq = ?", (seq,))
     _rehash(path)
-    result = audit_mod.audit(run_dir)
+    result = audit(run_dir)
     assert "row edited" not in _kinds(result)
-    assert any(f"row seq {seq} " in f and "alpha" in f for f in audit_mod.findings_of_kind(result, ["epsilon edited"]))
+    assert any(f"row seq {seq} " in f and "alpha" in f for f in findings_of_kind(result, ["epsilon edited"]))
     assert _exit_code(run_dir) == 1
 
 
@@ -213,8 +215,8 @@ def test_row_deleted(run_dir):
     path = run_dir / "ledger.sqlite"
     seq = _seq_of(path, "gamma", 2)
     _raw(path).execute("DELETE FROM entries WHERE seq = ?", (seq,))
-    result = audit_mod.audit(run_dir)
-    deleted = audit_mod.findings_of_kind(result, ["row deleted"])
+    result = audit(run_dir)
+    deleted = findings_of_kind(result, ["row deleted"])
     assert any(f"before row seq {seq + 1} " in f for f in deleted)  # the chain names where the hole is
     assert any("gamma's trained round 2" in f for f in deleted)  # the client's own ledger names what is missing
     assert _exit_code(run_dir) == 1
@@ -225,8 +227,8 @@ def test_last_row_deleted(run_dir):
     path = run_dir / "ledger.sqlite"
     last = _rows(path)[-1]
     _raw(path).execute("DELETE FROM entries WHERE seq = ?", (last.seq,))
-    result = audit_mod.audit(run_dir)
-    deleted = audit_mod.findings_of_kind(result, ["row deleted"])
+    result = audit(run_dir)
+    deleted = findings_of_kind(result, ["row deleted"])
     assert any(f"after seq {last.seq - 1}" in f for f in deleted)
     assert any(f"{last.client_id}'s trained round {last.round}" in f for f in deleted)
 
@@ -239,8 +241,8 @@ def test_rows_reordered(run_dir):
     conn.execute("UPDATE entries SET seq = ? WHERE seq = ?", (a, b))
     conn.execute("UPDATE entries SET seq = ? WHERE seq = 1000", (b,))
     conn.close()
-    result = audit_mod.audit(run_dir)
-    reordered = audit_mod.findings_of_kind(result, ["rows reordered"])
+    result = audit(run_dir)
+    reordered = findings_of_kind(result, ["rows reordered"])
     assert any(f"seq {a}" in f for f in reordered)
     assert any("alpha's trained rounds appear in the order [2, 1, 3]" in f for f in reordered)
     assert "row deleted" not in _kinds(result)  # a move is not a deletion
@@ -259,8 +261,8 @@ def test_signature_from_another_key(run_dir):
         (0.1, public_openssh(other), sign(other, forged.signed_payload()), seq),
     )
     _rehash(path)
-    result = audit_mod.audit(run_dir)
-    found = audit_mod.findings_of_kind(result, ["signature from another key"])
+    result = audit(run_dir)
+    found = findings_of_kind(result, ["signature from another key"])
     assert len(found) == 1 and f"row seq {seq} " in found[0] and "client beta" in found[0]
     assert _exit_code(run_dir) == 1
 
@@ -273,8 +275,8 @@ def test_signature_from_another_key_under_the_trusted_signer(run_dir):
     other = ec.generate_private_key(ec.SECP384R1())
     _raw(path).execute("UPDATE entries SET signature = ? WHERE seq = ?", (sign(other, row.signed_payload()), seq))
     _rehash(path)
-    result = audit_mod.audit(run_dir)
-    found = audit_mod.findings_of_kind(result, ["signature from another key"])
+    result = audit(run_dir)
+    found = findings_of_kind(result, ["signature from another key"])
     assert len(found) == 1 and f"row seq {seq} " in found[0] and "gamma" in found[0]
 
 
@@ -288,8 +290,8 @@ def test_budget_raised_after_the_fact(run_dir):
         if c["id"] == "beta":
             c["epsilon"] = 20.0
     (run_dir / "config.toml").write_text(tomli_w.dumps(cfg))
-    result = audit_mod.audit(run_dir)
-    raised = audit_mod.findings_of_kind(result, ["budget raised"])
+    result = audit(run_dir)
+    raised = findings_of_kind(result, ["budget raised"])
     assert any("client beta" in f and "own ledger budget 8" in f for f in raised)
     assert "config edited" in _kinds(result)
     assert not next(c for c in result.clients if c.client == "beta").ok
@@ -300,18 +302,16 @@ def test_budget_raised_after_the_fact(run_dir):
 def test_budget_raised_midway(run_dir):
     path = run_dir / "ledger.sqlite"
     _raw(path).execute("UPDATE entries SET budget_epsilon = 12.0 WHERE client_id = 'alpha' AND round >= 2")
-    result = audit_mod.audit(run_dir)
-    assert any(
-        "alpha's budget_epsilon changes from 8" in f for f in audit_mod.findings_of_kind(result, ["budget raised"])
-    )
+    result = audit(run_dir)
+    assert any("alpha's budget_epsilon changes from 8" in f for f in findings_of_kind(result, ["budget raised"]))
 
 
 def test_budget_overrun_caught(tmp_path):
     """A run whose records are consistent and signed, but whose spend went past the budget."""
     budget = 0.9  # MECH costs ~0.77 for one round, ~1.0 for three
     run = write_run(tmp_path / "run", budget=budget)
-    result = audit_mod.audit(run)
-    exceeded = audit_mod.findings_of_kind(result, ["budget exceeded"])
+    result = audit(run)
+    exceeded = findings_of_kind(result, ["budget exceeded"])
     assert {f.split("client ")[1].split()[0] for f in exceeded} == set(CLIENTS)
     assert all(f"> budget {budget:g}" in f for f in exceeded)
     assert _kinds(result) == {"budget exceeded"}  # nothing was tampered with
@@ -321,9 +321,21 @@ def test_budget_overrun_caught(tmp_path):
 def test_consistent_under_reporting_is_an_epsilon_mismatch(tmp_path):
     """A client that under-reports epsilon everywhere (own ledger, signature) is still recomputed."""
     run = write_run(tmp_path / "run", epsilon_scale=0.5, rounds=2)
-    result = audit_mod.audit(run)
+    result = audit(run)
     assert _kinds(result) == {"epsilon mismatch"}
     assert any("client alpha" in f and "dp-accounting PLD" in f for f in result.findings)
+
+
+def test_config_that_no_longer_parses_is_a_finding_not_a_crash(run_dir):
+    """config.toml replaced by something that is not a configuration: the audit still runs, names the file,
+    and checks budgets against the ledgers."""
+    (run_dir / "config.toml").write_text("privacy = [unclosed\n")
+    result = audit(run_dir)
+    edited = findings_of_kind(result, ["config edited"])
+    assert any("matches no row's config_hash" in f for f in edited)
+    assert any("does not read as a configuration" in f for f in edited)
+    assert all(c.budget == 8.0 for c in result.clients)  # from the ledgers
+    assert _exit_code(run_dir) == 1
 
 
 # ---------------------------------------------------------------------------------------------- withheld records
@@ -338,7 +350,7 @@ def _withhold(run: Path, client: str, *names: str) -> None:
 def test_withheld_client_ledger_is_unverified_not_clean(run_dir, capsys):
     """Nothing inconsistent, but beta's own ledger is missing: the run is unverified (exit 3), never clean."""
     _withhold(run_dir, "beta", "ledger.sqlite")
-    result = audit_mod.audit(run_dir)
+    result = audit(run_dir)
     assert result.findings == [] and result.status == "unverified" and not result.ok
     assert result.unverified == ["beta"] and len(result.gaps) == 1 and "beta" in result.gaps[0]
     assert result.verdict() == (
@@ -355,7 +367,7 @@ def test_withheld_client_ledger_is_unverified_not_clean(run_dir, capsys):
 def test_withheld_key_is_unverified(run_dir):
     """Without the key the client registered, its signed rows prove nothing: unverified, not a finding."""
     _withhold(run_dir, "gamma", "node_key")
-    result = audit_mod.audit(run_dir)
+    result = audit(run_dir)
     assert result.findings == [] and result.unverified == ["gamma"]
     assert "no trusted key" in result.gaps[0] and "3 signed row(s)" in result.gaps[0]
 
@@ -364,7 +376,7 @@ def test_findings_outrank_unverified(run_dir):
     """A finding is evidence: exit 1, and the verdict still names the clients that could not be checked."""
     _withhold(run_dir, "alpha", "ledger.sqlite")
     _raw(run_dir / "ledger.sqlite").execute("UPDATE entries SET epsilon = 0.5 WHERE seq = 2")
-    result = audit_mod.audit(run_dir)
+    result = audit(run_dir)
     assert result.status == "violations" and result.unverified == ["alpha"]
     assert result.verdict().endswith("(also unverified: no own ledger or no key from client(s) alpha)")
     assert _exit_code(run_dir) == 1
@@ -373,14 +385,16 @@ def test_findings_outrank_unverified(run_dir):
 def test_configured_client_without_rows_or_ledger_is_unverified(tmp_path):
     """config.toml lists delta; no ledger has a row of it and it handed nothing over: left out, or never
     sampled? Only its own ledger could say."""
-    run = write_run(tmp_path / "run", rounds=1, config_extra={"clients": [{"id": c} for c in (*CLIENTS, "delta")]})
-    result = audit_mod.audit(run)
+    # num_clients 4: config.toml is read as the run reads it, which keeps only num_clients [[clients]] entries.
+    extra = {"num_clients": 4, "clients": [{"id": c} for c in (*CLIENTS, "delta")]}
+    run = write_run(tmp_path / "run", rounds=1, config_extra=extra)
+    result = audit(run)
     assert result.findings == [] and result.unverified == ["delta"]
     assert "never sampled, or left out" in result.gaps[0]
     (run / "clients" / "delta").mkdir()
     Ledger(run / "clients" / "delta" / "ledger.sqlite").close()  # an empty ledger: it never trained
     load_or_create_key(run / "clients" / "delta" / "node_key")
-    result = audit_mod.audit(run)
+    result = audit(run)
     assert result.ok, result.to_dict()
     assert next(c for c in result.clients if c.client == "delta").rounds_trained == 0
 
@@ -389,9 +403,9 @@ def test_non_private_run_needs_no_client_ledgers(tmp_path):
     """A non-private run spends nothing to check (epsilon is infinite): its clients keep no ledger."""
     run = write_run(tmp_path / "run", dp=False, rounds=1)
     assert not list(run.glob("clients/*/ledger.sqlite"))
-    assert audit_mod.audit(run).status == "clean"
+    assert audit(run).status == "clean"
     _withhold(run, "alpha", "node_key")  # but its rows are signed: without the key they prove nothing
-    assert audit_mod.audit(run).unverified == ["alpha"]
+    assert audit(run).unverified == ["alpha"]
 
 
 def _cut_tail(path: Path, from_round: int) -> None:
@@ -409,11 +423,11 @@ def test_cut_tail_reports_the_clients_own_epsilon(run_dir):
     audit reports is the client's three-round spend, not the one round the coordinator's ledger still shows."""
     _cut_tail(run_dir / "ledger.sqlite", 2)
     (run_dir / "metrics.json").unlink()  # its rounds would give the cut away too; the client ledgers suffice
-    result = audit_mod.audit(run_dir)
+    result = audit(run_dir)
     assert result.status == "violations" and result.unverified == []
     for c in CLIENTS:
-        assert any(f"{c}'s trained round 2 " in f for f in audit_mod.findings_of_kind(result, ["row deleted"]))
-        assert any(f"{c}'s trained round 3 " in f for f in audit_mod.findings_of_kind(result, ["row deleted"]))
+        assert any(f"{c}'s trained round 2 " in f for f in findings_of_kind(result, ["row deleted"]))
+        assert any(f"{c}'s trained round 3 " in f for f in findings_of_kind(result, ["row deleted"]))
     true_eps = rounds_epsilon("prv", 3, 1e-5)
     for c in result.clients:
         assert c.reported_epsilon == true_eps and c.rounds_trained == 3 and not c.ok
@@ -428,7 +442,7 @@ def test_cut_refused_round_is_caught(tmp_path):
     seq = next(e.seq for e in _rows(path) if e.client_id == "gamma" and e.status == "refused")
     _raw(path).execute("DELETE FROM entries WHERE seq = ?", (seq,))
     _rehash(path)
-    deleted = audit_mod.findings_of_kind(audit_mod.audit(run), ["row deleted"])
+    deleted = findings_of_kind(audit(run), ["row deleted"])
     assert any("gamma's refused round 3" in f for f in deleted)
 
 
@@ -439,30 +453,8 @@ def test_unfinished_last_reservation_counts_without_a_finding(run_dir):
     common = {"run_id": RUN_ID, "round": 4, "client_id": "alpha", "mechanism": MECH, "delta": 1e-5}
     with Ledger(run_dir / "clients" / "alpha" / "ledger.sqlite") as own:
         own.append(make_entry(**common, status="reserved", accountant="prv", epsilon=eps, budget_epsilon=8.0))
-    result = audit_mod.audit(run_dir)
+    result = audit(run_dir)
     assert result.findings == [] and result.ok
     alpha = result.clients[0]
     assert alpha.reported_epsilon == eps and alpha.rounds_trained == 3
     assert math.isclose(alpha.recomputed_epsilon, eps, rel_tol=1e-9)
-
-
-# ---------------------------------------------------------------------------------------------- real run
-
-
-@pytest.mark.slow
-def test_real_simulated_run_audits_clean_and_detects_an_edit(tmp_path):
-    out = tmp_path / "run"
-    proc = subprocess.run(
-        [sys.executable, "-m", "fedllm.cli", "simulate", "tiny", "--quiet", "--out", str(out)],
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    result = audit_mod.audit(out)
-    assert result.findings == [], result.findings
-    assert all(c.rounds_trained >= 1 and c.reported_epsilon <= c.budget for c in result.clients)
-    path = out / "ledger.sqlite"
-    seq = _rows(path)[0].seq
-    _raw(path).execute("UPDATE entries SET epsilon = epsilon / 2 WHERE seq = ?", (seq,))
-    assert "epsilon edited" in _kinds(audit_mod.audit(out))

@@ -17,11 +17,11 @@ from flwr.app import Context, RecordDict
 from fedllm.certs import ConsortiumPaths
 from fedllm.cli import main
 from fedllm.config import config_hash, load_config, to_toml
-from fedllm.data import load_federated
+from fedllm.data.federation import load_federated
 from fedllm.deploy import deployment_config, parse_address
 from fedllm.errors import ConfigError
 from fedllm.profile import load_profile
-from fedllm.runspec import spec_from_run_config
+from fedllm.run.spec import spec_from_run_config
 from fedllm.signing import public_openssh, same_key
 
 LABELS = ("finance", "health", "sports", "weather")
@@ -277,7 +277,7 @@ def test_run_config_cannot_raise_the_budget_a_profile_sets(tmp_path, consortium,
     profile = _write_profile(tmp_path, paths, epsilon=3.0)
     scenario = _deployed_scenario(tmp_path, central=False)
     greedy, _ = load_config(str(scenario), {"privacy.epsilon": 100.0, "privacy.delta": 1e-3})
-    assert greedy.client_privacy("st-marys").epsilon == 100.0
+    assert greedy.client_settings("st-marys").epsilon == 100.0
     ctx = _context(profile, to_toml(greedy), tmp_path)
     with pytest.raises(ConfigError, match=r"privacy\.epsilon = 100 \(this node: 3\); privacy\.delta = 0\.001"):
         client_for(spec_from_run_config(ctx.run_config), ctx)
@@ -297,7 +297,7 @@ def test_run_config_cannot_raise_the_budget_a_profile_sets(tmp_path, consortium,
     assert (client.privacy.epsilon, client.privacy.delta, client.privacy.planned_rounds) == (3.0, 1e-5, 2)
     assert client.state_dir == (tmp_path / "state" / "st-marys").resolve()
     assert client.signing_key == paths.node_key("st-marys")
-    assert client.config.client_privacy("city-general").epsilon == 100.0, "another member's entry is its own"
+    assert client.config.client_settings("city-general").epsilon == 100.0, "another member's entry is its own"
     assert len(client.assets.train) + len(client.assets.test) == 40
     # The mechanism it plans spends its own budget over its planned rounds, not the coordinator's.
     from fedllm.accounting import epsilon_of_mechanisms
@@ -309,7 +309,7 @@ def test_run_config_cannot_raise_the_budget_a_profile_sets(tmp_path, consortium,
 
 def test_a_profile_requires_secure_aggregation_whatever_the_run_config_says(tmp_path, consortium, monkeypatch):
     """The submitted run turns SecAgg+ off; the node's profile (default: required) keeps it on."""
-    from fedllm.apps.client import requires_secure_aggregation
+    from fedllm.apps.client import node_settings
 
     paths, _ = consortium
     monkeypatch.setenv("FEDLLM_TEST_CA", str(paths.ca_cert))
@@ -318,14 +318,14 @@ def test_a_profile_requires_secure_aggregation_whatever_the_run_config_says(tmp_
     unmasked, _ = load_config(str(scenario), {"secure_aggregation.enabled": False})
     ctx = _context(profile, to_toml(unmasked), tmp_path)
     assert load_profile(profile).require_secure_aggregation is True
-    assert requires_secure_aggregation(ctx) is True
+    assert node_settings(ctx).require_secure_aggregation is True
     relaxed = (
         _write_profile(tmp_path, paths, extra="")
         .read_text()
         .replace("planned_rounds = 2\n", "planned_rounds = 2\nrequire_secure_aggregation = false\n")
     )
     profile.write_text(relaxed)
-    assert requires_secure_aggregation(ctx) is False  # only the institution itself can relax it
+    assert node_settings(ctx).require_secure_aggregation is False  # only the institution itself can relax it
     profile.write_text(relaxed.replace("= false", '= "no"'))
     with pytest.raises(ConfigError, match=r"privacy\.require_secure_aggregation: expected bool"):
         load_profile(profile)

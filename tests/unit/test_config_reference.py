@@ -10,8 +10,8 @@ import types
 import pytest
 
 from fedllm import config_reference as ref
-from fedllm.config import ACCOUNTANTS, FederationConfig
-from fedllm.data import DataConfig, load_federated
+from fedllm.config import ACCOUNTANTS, DataConfig, FederationConfig
+from fedllm.data.federation import load_federated
 from fedllm.errors import ConfigError, DataError
 
 

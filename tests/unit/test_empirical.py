@@ -1,9 +1,8 @@
-"""The one-run empirical audit (fedllm/empirical.py): the bound itself, and three runs that must come out right.
+"""The one-run empirical audit (fedllm/audit/canaries.py and its neighbours): the bound itself, and the parts.
 
 The bound is checked against numbers: values printed in Steinke, Nasr, Jagielski (arXiv:2305.08846v1,
 Appendix D and Section 7), the closed form when delta = 0, monotonicity, and chance-level guessing.
-The runs use tiny-bert in full fine-tuning on 2 clients x 1 round, 200 canaries, 40 guesses: a setting
-that memorises, so the attack has something to find when the noise is missing.
+The three runs that must come out right are in ``tests/system/test_empirical_run.py``.
 """
 
 from __future__ import annotations
@@ -11,31 +10,23 @@ from __future__ import annotations
 import itertools
 import json
 import math
-import os
 import subprocess
 import sys
 import tomllib
-from pathlib import Path
 
 import numpy as np
 import pytest
+from support import EMPIRICAL_SCENARIO
 
-from fedllm.cli import main
+from fedllm.audit.canaries import make_canaries, prepare
+from fedllm.audit.empirical_attack import black_box_scores, guess
+from fedllm.audit.empirical_bound import epsilon_lower_bound, p_value
+from fedllm.client import with_extra_rows
 from fedllm.config import from_dict
-from fedllm.empirical import (
-    AUDIT_DIR,
-    CLIENT_FILE,
-    EMPIRICAL_VIOLATION,
-    RESULT_FILE,
-    SECRET_FILE,
-    black_box_scores,
-    epsilon_lower_bound,
-    guess,
-    load_result,
-    make_canaries,
-    p_value,
-)
+from fedllm.data.federation import federation_data
 from fedllm.errors import ConfigError
+from fedllm.run.rundir import ClientDir, RunDir
+from fedllm.run.spec import RunSpec
 
 # ---------------------------------------------------------------------------------------------- the bound
 
@@ -148,127 +139,39 @@ def test_no_noise_fault_removes_the_noise_but_not_its_record(tiny_texts, tokeniz
     assert [h[0] for h in history_small] == [0.5] and [h[0] for h in history_large] == [50.0]
 
 
-# ---------------------------------------------------------------------------------------------- runs
+def test_prepare_hands_the_audited_client_only_its_included_canaries_as_plain_rows(tmp_path):
+    """The coins stay with the auditor: the client's folder gets the included canaries as ordinary rows (text and
+    label name, nothing else), the client appends them like any data file, and a resumed run keeps its coins."""
+    cfg = from_dict(tomllib.loads(EMPIRICAL_SCENARIO))
+    spec = RunSpec(config=cfg, out_dir=tmp_path / "run")
+    prepare(spec)
+    secret_path = RunDir(spec.out_dir).empirical_secret_path
+    secret = json.loads(secret_path.read_text())
+    included = [c for c in secret["canaries"] if c["included"]]
+    assert len(secret["canaries"]) == 200 and 0 < len(included) < 200
+    extra = ClientDir(spec.client_dir("client-0")).extra_rows_path
+    assert secret_path.stat().st_mode & 0o777 == 0o600 and extra.stat().st_mode & 0o777 == 0o600
+    rows = [json.loads(line) for line in extra.read_text().splitlines()]
+    assert all(set(r) == {"text", "label"} for r in rows)  # no coin, no excluded canary, no mark of an audit
+    assert [r["text"] for r in rows] == [c["text"] for c in included]
+    labels = federation_data(cfg).label_names
+    assert [labels.index(r["label"]) for r in rows] == [c["label"] for c in included]
+
+    before = secret_path.read_bytes()
+    prepare(spec)  # resumed: same canaries, same coins
+    assert secret_path.read_bytes() == before
+
+    split = federation_data(cfg).clients[0]
+    grown = with_extra_rows(split, extra, labels)
+    n = len(split.train)
+    assert grown.train.texts[:n] == split.train.texts and grown.train.labels[:n] == split.train.labels
+    assert grown.train.texts[n:] == tuple(c["text"] for c in included)
+    assert grown.train.labels[n:] == tuple(c["label"] for c in included)
+    assert grown.test == split.test
 
 
-SCENARIO = """
-name = "empirical-tiny"
-rounds = 1
-num_clients = 1
-seed = 0
-
-[model]
-name = "tiny-bert"
-mode = "full"
-max_length = 32
-
-[data]
-source = "synthetic"
-partition = "iid"
-max_examples = 200
-test_fraction = 0.1
-max_central_test = 50
-
-[training]
-local_steps = 200
-batch_size = 16
-learning_rate = 5e-3
-
-[privacy]
-epsilon = 0.25  # small: a noise-free run clears it by a wide margin (29 of 40 right suffice; seen 34-40)
-delta = 1e-5
-
-[secure_aggregation]
-enabled = false  # one client: the final model is its own, undiluted by averaging (run to run stable)
-
-[empirical_audit]
-enabled = true
-canaries = 200
-guesses = 40
-"""
-
-
-def _simulate(tmp_path: Path, *flags: str) -> Path:
-    scenario = tmp_path / "scenario.toml"
-    scenario.write_text(SCENARIO)
-    out = tmp_path / "run"
-    assert main(["simulate", str(scenario), "--quiet", "--out", str(out), *flags]) == 0
-    return out
-
-
-@pytest.mark.slow
-def test_without_dp_the_canaries_are_found(tmp_path):
-    """DP off, a memorising setting: the bound is clearly above zero. Also the ``audit --empirical`` path:
-    the run's config.toml is re-run with canaries into DIR/empirical/rerun (a re-run needs only the config)."""
-    from fedllm.config import to_toml
-    from fedllm.ledger import Ledger
-
-    raw = tomllib.loads(SCENARIO)
-    raw["privacy"]["enabled"] = False
-    raw["empirical_audit"]["enabled"] = False  # the original run had no canaries
-    run = tmp_path / "run"
-    run.mkdir()
-    (run / "config.toml").write_text(to_toml(from_dict(raw)))
-    Ledger(run / "ledger.sqlite").close()
-    assert main(["audit", str(run), "--empirical"]) == 0
-    result = load_result(run)
-    assert result is not None and result.reference_run == str(run)
-    assert (run / AUDIT_DIR / "rerun" / AUDIT_DIR / SECRET_FILE).is_file()
-    assert not result.dp and result.theoretical_epsilon is None and not result.violation
-    assert result.canaries == 200 and result.guesses == 40
-    assert result.lower_bound > 0.5, result.describe()
-
-
-@pytest.mark.slow
-def test_with_dp_the_bound_stays_below_the_reported_epsilon(tmp_path, capsys):
-    out = _simulate(tmp_path)
-    result = load_result(out)
-    assert result is not None and result.dp and result.theoretical_epsilon is not None
-    assert 0 < result.theoretical_epsilon <= 0.25
-    assert result.lower_bound <= result.theoretical_epsilon, result.describe()
-    assert main(["audit", str(out)]) == 0
-    assert "empirical audit" in capsys.readouterr().out
-    report = json.loads((out / "report.json").read_text())
-    (row,) = report["empirical_audit"]
-    assert row["client"] == "client-0" and row["violation"] is False
-    assert row["theoretical_epsilon"] == pytest.approx(result.theoretical_epsilon)
-    assert row["lower_bound"] == pytest.approx(result.lower_bound)
-
-
-@pytest.mark.slow
-def test_missing_noise_is_caught_although_the_ledger_looks_right(tmp_path, capsys):
-    """FEDLLM_FAULT_NO_NOISE: DP-SGD adds no noise while the accountant records the planned noise. The
-    ledger audit cannot see it; the empirical bound rises above the reported epsilon and fails the audit."""
-    # In a process of its own: Flower reuses a Ray instance already up in this one, whose workers would not
-    # see the variable; a fresh process starts a fresh Ray whose workers inherit it.
-    scenario = tmp_path / "scenario.toml"
-    scenario.write_text(SCENARIO)
-    out = tmp_path / "run"
-    cmd = [sys.executable, "-m", "fedllm.cli", "simulate", str(scenario), "--quiet", "--out", str(out)]
-    done = subprocess.run(
-        cmd, env={**os.environ, "FEDLLM_FAULT_NO_NOISE": "1", "FEDLLM_TESTING": "1"}, capture_output=True, text=True
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
-    result = load_result(out)
-    assert result is not None and result.theoretical_epsilon is not None
-    assert result.theoretical_epsilon <= 0.25  # the accountant still reports the planned spend
-    assert result.violation and result.lower_bound > result.theoretical_epsilon, result.describe()
-
-    capsys.readouterr()
-    assert main(["audit", str(out)]) == 1
-    printed = capsys.readouterr().out
-    assert EMPIRICAL_VIOLATION in printed and "client-0" in printed
-    assert main(["audit", str(out), "--json"]) == 1
-    findings = json.loads(capsys.readouterr().out)["findings"]
-    assert findings and all(f.startswith(EMPIRICAL_VIOLATION) for f in findings)  # the ledger itself is clean
-
-    report = json.loads((out / "report.json").read_text())
-    assert report["empirical_audit"][0]["violation"] is True
-    assert "empirical-table" in (out / "report.html").read_text()
-
-    # the coins stay with the auditor: not in what the coordinator wrote, and private on disk
-    secret = out / AUDIT_DIR / SECRET_FILE
-    assert secret.stat().st_mode & 0o777 == 0o600
-    assert (out / AUDIT_DIR / RESULT_FILE).stat().st_mode & 0o777 == 0o600
-    assert "included" not in (out / "config.toml").read_text()
-    assert (out / "clients" / "client-0" / CLIENT_FILE).is_file()
+def test_the_client_never_imports_the_audit():
+    """Canaries reach a client as extra rows only: the client's code has no way to tell it is audited."""
+    code = "import sys, fedllm.client; print(sorted(m for m in sys.modules if m.startswith('fedllm.audit')))"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "[]"

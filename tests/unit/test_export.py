@@ -23,9 +23,9 @@ import pytest
 import torch
 
 from fedllm import checkpoint, export_head, features
-from fedllm.audit import audit
+from fedllm.audit.verify import audit
 from fedllm.cli import main
-from fedllm.data import load_federated
+from fedllm.data.federation import load_federated
 from fedllm.export import load_run_model
 from fedllm.ledger import Ledger
 from fedllm.model import load_tokenizer
@@ -341,14 +341,14 @@ def test_head_export_of_other_encoders_with_a_hidden_layer_gives_the_head_logits
     from support import make_checkpoint
 
     from fedllm.export import _save_head_model, _tokenizer
-    from fedllm.features import FeatureHead
+    from fedllm.model import FeatureHead, hidden_size
     from fedllm.predict import load_pipeline
 
     rm = load_run_model(head_run)
     base = make_checkpoint(family, tmp_path / family)
     model_cfg = dataclasses.replace(rm.config.model, name=str(base), head_hidden=8)
     cfg = dataclasses.replace(rm.config, model=model_cfg)
-    head = FeatureHead(features.feature_dim(model_cfg), len(rm.labels), hidden=8, seed=3).eval()
+    head = FeatureHead(hidden_size(model_cfg), len(rm.labels), hidden=8, seed=3).eval()
     out = tmp_path / "model"
     out.mkdir()
     _save_head_model(cfg, head, dict(enumerate(rm.labels)), {n: i for i, n in enumerate(rm.labels)}, out)

@@ -9,7 +9,7 @@ import pytest
 
 from fedllm.accounting import Mechanism
 from fedllm.errors import FedllmError
-from fedllm.ledger import Ledger, make_entry
+from fedllm.ledger import Ledger, check_chain, make_entry, read_entries
 
 
 def _entry(round_: int, client: str = "a", eps: float = 1.0):
@@ -113,3 +113,50 @@ def test_spent_reads_reserved_rows_in_order(tmp_path):
         ledger.append(_entry(1, client="b"))
         assert ledger.spent("a") == [m1, m2]
         assert ledger.spent("b") == []
+
+
+def test_cut_tail_is_detected_by_the_autoincrement_mark(tmp_path):
+    """A deleted last row leaves no gap and no orphan; SQLite's sequence still remembers the seq it used."""
+    path = _filled(tmp_path)
+    _raw(path).execute("DELETE FROM entries WHERE seq = 4")
+    with Ledger(path, readonly=True) as ledger:
+        check = ledger.check_chain()
+        assert check.cut_after == 3 and check.max_seq_used == 4 and not check.intact
+        assert ledger.verify_chain() == ["rows after seq 3: missing (seq 4 was used; deleted rows)"]
+    assert check_chain(read_entries(path)).intact  # without the mark, the chain alone cannot see it
+
+
+def test_one_checker_classifies_deleted_and_moved_rows(tmp_path):
+    path = _filled(tmp_path)
+    _raw(path).execute("DELETE FROM entries WHERE seq = 2")
+    check = check_chain(read_entries(path))
+    assert [e.seq for e in check.orphaned] == [3] and check.moved == () and check.seq_gaps == ()
+    path = _filled(tmp_path / "b")
+    conn = _raw(path)
+    conn.execute("UPDATE entries SET seq = 100 WHERE seq = 2")
+    conn.execute("UPDATE entries SET seq = 2 WHERE seq = 3")
+    conn.execute("UPDATE entries SET seq = 3 WHERE seq = 100")
+    check = check_chain(read_entries(path))
+    assert [e.seq for e in check.moved] == [2, 3, 4] and check.orphaned == () and check.edited == ()
+
+
+def test_readonly_open_never_modifies_the_file(tmp_path):
+    """An auditor's reads leave the evidence byte for byte as it was; an empty file reads as an empty ledger
+    without gaining a schema, and a read-only ledger refuses to append."""
+    path = _filled(tmp_path)
+    before = path.read_bytes()
+    assert [e.round for e in read_entries(path)] == [1, 2, 3, 4]
+    with Ledger(path, readonly=True) as ledger:
+        assert ledger.verify_chain() == []
+        with pytest.raises(FedllmError, match="read-only"):
+            ledger.append(_entry(5))
+    assert path.read_bytes() == before
+    empty = tmp_path / "empty.sqlite"
+    empty.write_bytes(b"")
+    assert read_entries(empty) == []
+    assert empty.read_bytes() == b""
+    junk = tmp_path / "junk.sqlite"
+    junk.write_bytes(b"not a database" * 100)
+    with pytest.raises(FedllmError, match="not a readable privacy ledger"):
+        read_entries(junk)
+    assert junk.read_bytes() == b"not a database" * 100

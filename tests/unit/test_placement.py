@@ -10,7 +10,8 @@ import os
 
 import pytest
 
-from fedllm.cli import build_parser, overrides_from
+from fedllm.cli import build_parser
+from fedllm.cli.simulate import overrides_from
 from fedllm.config import load_config
 from fedllm.errors import ConfigError
 from fedllm.metrics import ClientRound, RoundRecord, RunMetrics

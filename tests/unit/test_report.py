@@ -11,9 +11,11 @@ import sqlite3
 import pytest
 from support import RUN_ID, write_run
 
-from fedllm.audit import read_entries
+from fedllm.cli.report import register
+from fedllm.ledger import read_entries
 from fedllm.metrics import read as read_metrics
-from fedllm.report import SCHEMA_VERSION, register, write_reports
+from fedllm.report.facts import SCHEMA_VERSION
+from fedllm.report.write import write_reports
 
 
 @pytest.fixture(scope="module")
@@ -156,6 +158,17 @@ def test_secure_aggregation_and_tls_flags(tmp_path):
     assert report["audit"]["ok"] is True
 
 
+def test_budgets_are_the_configs_effective_client_settings(tmp_path):
+    """A client's own [[clients]] epsilon/delta wins over [privacy], as config decides; a key this version does not
+    know (``tls`` here) does not stop the report."""
+    clients = [{"id": "alpha", "epsilon": 3.0, "delta": 1e-6}, {"id": "beta"}, {"id": "gamma"}]
+    run = write_run(tmp_path / "run", rounds=1, config_extra={"clients": clients, "tls": True})
+    settings = json.loads(write_reports(run)["json"].read_text())["run"]
+    assert settings["budgets"] == {"alpha": 3.0, "beta": 8.0, "gamma": 8.0}
+    assert settings["deltas"] == {"alpha": 1e-6, "beta": 1e-5, "gamma": 1e-5}
+    assert settings["epsilon_default"] == 8.0 and settings["delta_default"] == 1e-5 and settings["tls"] is True
+
+
 def test_tampered_run_report_carries_the_findings(tmp_path):
     run = write_run(tmp_path / "run", rounds=2)
     conn = sqlite3.connect(run / "ledger.sqlite", isolation_level=None)
@@ -180,3 +193,128 @@ def test_cli(tmp_path, capsys):
     printed = capsys.readouterr().out.split()
     assert printed == [str(run / "report.json"), str(run / "report.md"), str(run / "report.html")]
     assert math.isfinite(json.loads((run / "report.json").read_text())["clients"][0]["final_epsilon"])
+
+
+# ---------------------------------------------------------------------------------------------- accuracy vs epsilon
+
+
+@pytest.fixture(scope="module")
+def folder_of_runs(tmp_path_factory):
+    """Three runs of one scenario (3 rounds DP with gamma refusing from round 2, 2 rounds DP, 1 round non-private)
+    and one of another scenario, reported together with ``fedllm report FOLDER``."""
+    from fedllm.cli import main
+    from fedllm.metrics import write as write_metrics
+
+    folder = tmp_path_factory.mktemp("curve")
+    write_run(folder / "dp-3", rounds=3, refuse_from={"gamma": 2})
+    write_run(folder / "dp-2", rounds=2, epsilon_scale=0.5)
+    write_run(folder / "nodp", rounds=1, dp=False)
+    other = write_run(folder / "other", rounds=1)
+    m = read_metrics(other / "metrics.json")
+    m.scenario = "another-scenario"
+    write_metrics(m, other / "metrics.json")
+    (folder / "notes").mkdir()  # not a run: ignored
+    assert main(["report", str(folder)]) == 0
+    return folder
+
+
+def _expected_point(run) -> dict:
+    """What the curve must say of a run, straight from its metrics.json."""
+    m = read_metrics(run / "metrics.json")
+    finals = [c.epsilon for c in m.final_clients().values() if c.epsilon is not None]
+    return {
+        "run": run.name,
+        "scenario": m.scenario,
+        "dp": m.dp,
+        "epsilon_max": max(finals) if m.dp else None,
+        "epsilon_min": min(finals) if m.dp else None,
+        "accuracy": m.rounds[-1].accuracy,
+        "rounds": len(m.rounds),
+    }
+
+
+def test_run_report_curve_numbers_equal_the_runs_metrics(folder_of_runs):
+    report = json.loads((folder_of_runs / "dp-3" / "report.json").read_text())
+    curve = report["curve"]
+    assert curve["this_run"] == "dp-3" and curve["dir"] == str(folder_of_runs.resolve())
+    names = ("dp-2", "dp-3", "nodp")  # sorted by largest client epsilon, the non-private run last
+    assert curve["runs"] == [_expected_point(folder_of_runs / n) for n in names]
+    dp3, dp2, nodp = (curve["runs"][names.index(n)] for n in ("dp-3", "dp-2", "nodp"))
+    assert dp3["accuracy"] == pytest.approx(0.6) and dp2["accuracy"] == pytest.approx(0.5) and nodp["dp"] is False
+    assert dp3["epsilon_max"] > dp3["epsilon_min"] > 0  # gamma stopped after round 1: max is the spender's
+    assert dp2["epsilon_max"] < dp3["epsilon_max"] and nodp["epsilon_max"] is None
+    # The curve's epsilon is the run's own: the largest final epsilon of its report (from the ledger).
+    assert dp3["epsilon_max"] == max(c["final_epsilon"] for c in report["clients"])
+    assert dp3["epsilon_min"] == min(c["final_epsilon"] for c in report["clients"])
+    # Every run of the scenario shows the same curve, marked as its own.
+    for n in names:
+        other = json.loads((folder_of_runs / n / "report.json").read_text())["curve"]
+        assert other["runs"] == curve["runs"] and other["this_run"] == n
+    # A run alone in its scenario (even with other runs beside it) shows none.
+    assert json.loads((folder_of_runs / "other" / "report.json").read_text())["curve"] is None
+
+
+def test_run_report_curve_html_and_markdown(folder_of_runs):
+    page = (folder_of_runs / "dp-3" / "report.html").read_text()
+    assert "http" not in page.lower() and 'id="curve-chart"' in page and 'id="curve-table"' in page
+    assert page.count("<svg") == 3 and 'data-expect="epsilon-chart accuracy-chart clients-table curve-chart"' in page
+    chart = page[page.index('<div id="curve-chart">') : page.index('id="curve-table"')]
+    assert chart.count('<g class="curve"') == 1 and chart.count("<circle") == 2  # the two private runs
+    assert chart.count('class="budget"') == 1 and ">no DP</text>" in chart  # the non-private run, dashed
+    assert page.count('class="series"') == 3  # the epsilon chart is unchanged
+    assert '<tr class="this"><td class="l">dp-3 (this run)</td>' in page
+    md = (folder_of_runs / "dp-3" / "report.md").read_text()
+    for p in json.loads((folder_of_runs / "dp-3" / "report.json").read_text())["curve"]["runs"]:
+        name = p["run"] + (" (this run)" if p["run"] == "dp-3" else "")
+        eps = "inf (no DP)" if p["epsilon_max"] is None else f"{p['epsilon_max']:.2f}"
+        assert f"| {name} | {eps} |" in md and f"| {p['rounds']} | {100 * p['accuracy']:.1f} % |" in md
+
+
+def test_folder_report_compares_every_run(folder_of_runs, capsys):
+    comparison = json.loads((folder_of_runs / "report.json").read_text())
+    assert comparison["schema"] == "fedllm-comparison" and comparison["version"] == 1
+    names = ("other", "dp-2", "dp-3", "nodp")  # by scenario, then epsilon
+    assert comparison["runs"] == [_expected_point(folder_of_runs / n) for n in names]
+    assert comparison["skipped"] == []
+    page = (folder_of_runs / "report.html").read_text()
+    assert "http" not in page.lower() and page.count('<g class="curve"') == 2  # one line per scenario
+    assert page.count("<circle") == 3 and '<a href="./dp-3/report.html">' in page
+    md = (folder_of_runs / "report.md").read_text()
+    assert "| scenario | run |" in md and "| another-scenario | other |" in md
+
+
+def test_folder_report_prints_every_file_and_compare_agrees(folder_of_runs, capsys, tmp_path):
+    from fedllm.cli import main
+
+    assert main(["report", str(folder_of_runs)]) == 0
+    printed = capsys.readouterr().out.split()
+    runs = ["dp-2", "dp-3", "nodp", "other"]
+    expected = [str(folder_of_runs / n / f"report.{k}") for n in runs for k in ("json", "md", "html")]
+    assert printed == expected + [str(folder_of_runs / f"report.{k}") for k in ("json", "md", "html")]
+    js = tmp_path / "points.json"
+    assert main(["compare", *(str(folder_of_runs / n) for n in runs[:3]), "--json", str(js)]) == 0
+    points = json.loads(js.read_text())
+    curve = json.loads((folder_of_runs / "dp-3" / "report.json").read_text())["curve"]["runs"]
+    assert [{**p, "run": p["run"].rsplit("/", 1)[-1]} for p in points] == curve  # one logic, one answer
+
+
+def test_unreadable_run_is_listed_not_fatal(tmp_path):
+    write_run(tmp_path / "a", rounds=1)
+    write_run(tmp_path / "b", rounds=2)
+    broken = write_run(tmp_path / "c", rounds=1)
+    (broken / "metrics.json").write_text("{not json")
+    from fedllm.report.curve import build_comparison, sibling_curve
+
+    comparison = build_comparison(tmp_path)
+    assert [p["run"] for p in comparison["runs"]] == ["a", "b"]
+    assert [s["run"] for s in comparison["skipped"]] == ["c"]
+    assert [p["run"] for p in sibling_curve(tmp_path / "a")["runs"]] == ["a", "b"]
+
+
+def test_folder_without_runs_is_refused(tmp_path, capsys):
+    from fedllm.cli import main
+
+    (tmp_path / "empty").mkdir()
+    assert main(["report", str(tmp_path / "empty")]) == 2
+    assert "not a fedllm run directory" in capsys.readouterr().err
+    assert not list((tmp_path / "empty").iterdir())

@@ -107,8 +107,9 @@ def test_key_material_never_logged_or_reported(tmp_path, caplog, capsys):
     """Create keys, sign, audit and report a run with DEBUG logging on: no private key bytes come out."""
     from test_audit import write_run
 
-    from fedllm.audit import audit, print_audit
-    from fedllm.report import write_reports
+    from fedllm.audit.verify import audit
+    from fedllm.cli.audit import print_audit
+    from fedllm.report.write import write_reports
 
     caplog.set_level(logging.DEBUG)
     run = write_run(tmp_path / "run", rounds=1)

@@ -7,11 +7,11 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 from flwr.common import Code, FitRes, Status, ndarrays_to_parameters, parameters_to_ndarrays
+from support import make_strategy
 
 from fedllm.accounting import Mechanism
 from fedllm.checkpoint import arrays_hash
 from fedllm.ledger import Ledger, entry_to_metrics, make_entry
-from fedllm.metrics import RunMetrics
 from fedllm.secure_aggregation import Masking
 from fedllm.strategy import BudgetAwareFedAvg
 
@@ -19,17 +19,8 @@ INITIAL = [np.zeros((2, 3), dtype=np.float32), np.zeros(4, dtype=np.float32)]
 
 
 def _strategy(tmp_path, max_update_norm: float | None = None, masking: Masking | None = None) -> BudgetAwareFedAvg:
-    s = BudgetAwareFedAvg(
-        max_update_norm=max_update_norm,
-        masking=masking,
-        initial_arrays=INITIAL,
-        num_clients=2,
-        clients_per_round=2,
-        min_clients=1,
-        ledger=Ledger(tmp_path / "ledger.sqlite"),
-        metrics=RunMetrics(run_id="r", scenario="t", dp=True, rounds_planned=1),
-        metrics_path=tmp_path / "metrics.json",
-        config_hash="c",
+    s = make_strategy(
+        Ledger(tmp_path / "ledger.sqlite"), tmp_path, INITIAL, max_update_norm=max_update_norm, masking=masking
     )
     s._asked = ["1", "2"]
     s._current = None
@@ -73,8 +64,8 @@ def test_broken_updates_are_excluded_with_a_logged_reason(tmp_path, caplog, bad,
     assert [a.tolist() for a in parameters_to_ndarrays(params)] == [a.tolist() for a in _good(2.0)]
     assert reason in caplog.text and "update rejected" in caplog.text
     assert s._current.clients["bad"].status == "rejected"
-    s.file_pending()  # what closing the round does
-    assert len(s.ledger.entries()) == 2  # the report itself is still filed
+    s.recorder.close_round(s._current, INITIAL)  # what closing the round does
+    assert len(s.recorder.ledger.entries()) == 2  # the report itself is still filed
 
 
 def test_update_that_differs_from_its_reported_hash_is_excluded(tmp_path, caplog):
@@ -97,10 +88,10 @@ def test_good_updates_are_averaged_by_examples(tmp_path):
     s = _strategy(tmp_path)
     params, _ = s.aggregate_fit(1, [_reply("1", "a", _good(2.0)), _reply("2", "b", _good(4.0))], [])
     assert parameters_to_ndarrays(params)[1].tolist() == [3.0] * 4
-    assert s.ledger.entries() == []  # filed only when the round closes, after the checkpoint
-    s.file_pending()
-    assert [e.client_id for e in s.ledger.entries()] == ["a", "b"]
-    assert s.ledger.entries()[0].signature == ""  # stored exactly as sent (unsigned here)
+    assert s.recorder.ledger.entries() == []  # filed only when the round closes, after the checkpoint
+    s.recorder.close_round(s._current, INITIAL)
+    assert [e.client_id for e in s.recorder.ledger.entries()] == ["a", "b"]
+    assert s.recorder.ledger.entries()[0].signature == ""  # stored exactly as sent (unsigned here)
 
 
 def test_update_beyond_the_norm_bound_is_excluded(tmp_path, caplog):
