@@ -2,10 +2,10 @@
 
 Two models: the default scenario's (MiniLM, LoRA, batch 32, length 64: simulations/hospitals.toml) and a
 BERT-base-sized random model (12 layers, hidden 768, 110 M parameters), each in LoRA and full fine-tuning
-(Opacus hooks for LoRA, ghost clipping for full, as fedllm trains them). Like ``dp_overhead``, each case
-alternates DP and plain calls of ``train_dp`` / ``train_plain`` and reports the median and range of the
-per-pair ratios; times are taken after ``torch.cuda.synchronize()``; the per-call set-up (``steps=0``)
-is subtracted. Peak memory is ``torch.cuda.max_memory_allocated`` per call.
+(Opacus hooks for LoRA, book-keeping clipping (``fedllm.clipping``) for full, as fedllm trains them). Like
+``dp_overhead``, each case alternates DP and plain calls of ``train_dp`` / ``train_plain`` and reports the
+median and range of the per-pair ratios; times are taken after ``torch.cuda.synchronize()``; the per-call
+set-up (``steps=0``) is subtracted. Peak memory is ``torch.cuda.max_memory_allocated`` per call.
 
 Placement (first, always): ``fedllm simulate`` of the tiny scenario (random tiny BERT, synthetic data: no
 files needed) with ``num_gpus = 0`` in quiet and in verbose mode, and with ``num_gpus = 0.5``; each run's

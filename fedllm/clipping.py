@@ -4,7 +4,7 @@ Algorithm: Bu, Wang, Zha, Karypis, "Differentially private optimization on large
 (ICML 2023; the fastDP library), "book-keeping" (BK). Why it is here: Opacus' ghost clipping, which full
 fine-tuning used, runs backward twice (once for the per-example norms, once for the reweighted loss) and
 its first pass computes every weight gradient only to throw it away; on MiniLM that made a DP step 1.9-2.6x
-a plain one, and book-keeping 1.1-1.5x (1.24x per example trained on; docs/benchmarks.md, section 1).
+a plain one, and book-keeping 1.1-1.6x (1.24-1.31x per example trained on; docs/benchmarks.md, section 1).
 Book-keeping needs one pass:
 
 1. Forward hooks on every layer with trainable weights (``nn.Linear``, ``nn.Embedding``, ``nn.LayerNorm``:

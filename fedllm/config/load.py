@@ -17,7 +17,7 @@ import types
 import typing
 from collections.abc import Mapping
 from dataclasses import fields, replace
-from functools import lru_cache
+from functools import cache, lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -141,11 +141,18 @@ def _type_ok(value: Any, hint: Any) -> tuple[bool, Any]:
     return True, value
 
 
+@cache
+def _type_hints(cls: type) -> dict[str, Any]:
+    """Resolved once per class: a config of 10,000 ``[[clients]]`` resolved the same annotations 10,000 times
+    (4 s, paid again by every report that reloads the run's config)."""
+    return typing.get_type_hints(cls)
+
+
 def _build(cls: type, raw: Any, source: str, prefix: str) -> Any:
     where = prefix.rstrip(".") or "top level"
     if not isinstance(raw, Mapping):
         raise ConfigError(f"{source}: {where}: expected a table")
-    hints = typing.get_type_hints(cls)
+    hints = _type_hints(cls)
     known = {f.name for f in fields(cls)}
     unknown = sorted(set(raw) - known)
     if unknown:
