@@ -22,6 +22,7 @@ from flwr.server import LegacyContext, ServerConfig
 from flwr.server.workflow import DefaultWorkflow
 from flwr.serverapp import Grid, ServerApp
 from flwr.superlink.grid import InMemoryGrid
+from torch import nn
 from torch.utils.data import Dataset
 
 from fedllm.config import FederationConfig, config_hash
@@ -84,12 +85,17 @@ def _start(spec: RunSpec, context: Context, model) -> tuple[RunMetrics, list[np.
 
 
 def run_federation(
-    grid: Grid, context: Context, spec: RunSpec, on_round: Callable[[RoundRecord], None] | None = None
+    grid: Grid,
+    context: Context,
+    spec: RunSpec,
+    on_round: Callable[[RoundRecord], None] | None = None,
+    model: nn.Module | None = None,
 ) -> RunMetrics:
+    """``model``: the coordinator's model when the lifecycle already built it (its checks), else built here."""
     cfg = spec.config
     started = time.monotonic()
     fed = federation_data(cfg)
-    model = build_model(cfg.model, len(fed.label_names))
+    model = model if model is not None else build_model(cfg.model, len(fed.label_names))
     test = node_dataset(cfg.model, fed.central_test)  # tokens, or in head mode features computed once
     metrics, initial, done = _start(spec, context, model)
     names = tuple(name for name, p in model.named_parameters() if p.requires_grad)  # what `fedllm export` maps
@@ -136,15 +142,20 @@ def check_simulated_nodes(grid: Grid, cfg: FederationConfig, wait_s: float = NOD
         )
 
 
-def server_app(spec: RunSpec | None = None, on_round: Callable[[RoundRecord], None] | None = None) -> ServerApp:
-    """The ServerApp: for a run the lifecycle already prepared (``fedllm simulate`` passes its spec), or one
-    rebuilt from Flower's ``run_config`` (``flwr run .``, ``fedllm run``), which it prepares itself."""
+def server_app(
+    spec: RunSpec | None = None,
+    on_round: Callable[[RoundRecord], None] | None = None,
+    model: nn.Module | None = None,
+) -> ServerApp:
+    """The ServerApp: for a run the lifecycle already prepared (``fedllm simulate`` passes its spec and the
+    model its checks built, so the driver builds it once), or one rebuilt from Flower's ``run_config``
+    (``flwr run .``, ``fedllm run``), which it prepares itself."""
     app = ServerApp()
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
         if spec is not None:
-            run_federation(grid, context, spec, on_round)
+            run_federation(grid, context, spec, on_round, model)
             return
         submitted = spec_from_run_config(context.run_config)
         check_simulated_nodes(grid, submitted.config)

@@ -97,10 +97,10 @@ def run(args: argparse.Namespace) -> int:
     else:
         cfg, _ = load_config(args.scenario, overrides_from(args))
         spec, done = lifecycle.new(_apply_budget_flags(cfg, args), args.out), 0
-    lifecycle.check(spec)
+    model = lifecycle.check(spec)
     started = time.monotonic()
     with progress.RoundProgress(spec.config.rounds, enabled=not args.quiet, completed=done) as bar:
-        metrics = lifecycle.run(spec, on_round=bar.advance, verbose=args.verbose)
+        metrics = lifecycle.run(spec, on_round=bar.advance, verbose=args.verbose, model=model)
     if not args.quiet:
         progress.print_summary(metrics, spec.config, time.monotonic() - started, spec.out_dir)
     return 0

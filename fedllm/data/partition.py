@@ -42,10 +42,11 @@ def sample(records: Sequence[Record], n: int, seed: int, purpose: str) -> tuple[
 def partition_pool(
     pool: tuple[Record, ...], index: Mapping[str, int], cfg: DataConfig, n_clients: int, seed: int
 ) -> list[tuple[Record, ...]]:
-    """Partition with flwr-datasets so the split matches what the Flower ecosystem calls IID / Dirichlet.
+    """The split the Flower ecosystem calls IID / Dirichlet (flwr-datasets' partitioners).
 
-    The pool is shuffled first because IidPartitioner takes contiguous shards. Only the labels and row
-    indices go into the Arrow table: the partitioners never look at the text.
+    The pool is shuffled first because IidPartitioner takes contiguous shards; those shards are computed here
+    directly (``tests/unit/test_data.py`` pins them to IidPartitioner's). Only the labels and row indices go
+    into Dirichlet's Arrow table: the partitioner never looks at the text.
     """
     if len(pool) < n_clients:
         raise ConfigError(
@@ -65,30 +66,24 @@ def partition_pool(
         # (100 s at 10,000 clients, in the driver and again in every Ray worker).
         return [tuple(pool[i] for i in part) for part in np.array_split(order, n_clients)]
     import datasets
-    from flwr_datasets.partitioner import DirichletPartitioner, IidPartitioner, Partitioner
+    from flwr_datasets.partitioner import DirichletPartitioner
 
     datasets.disable_progress_bars()
     table = datasets.Dataset.from_dict({"index": order.tolist(), "label": [index[pool[i].label] for i in order]})
-    partitioner: Partitioner
-    if cfg.partition == "iid":
-        partitioner = IidPartitioner(num_partitions=n_clients)
-    else:
-        partitioner = DirichletPartitioner(
-            num_partitions=n_clients,
-            partition_by="label",
-            alpha=float(cfg.alpha),
-            min_partition_size=cfg.min_partition_size,
-            self_balancing=True,
-            seed=seed,
-        )
+    partitioner = DirichletPartitioner(
+        num_partitions=n_clients,
+        partition_by="label",
+        alpha=float(cfg.alpha),
+        min_partition_size=cfg.min_partition_size,
+        self_balancing=True,
+        seed=seed,
+    )
     partitioner.dataset = table
     try:
         with warnings.catch_warnings():  # it warns on every resampling try; the outcome is what matters
             warnings.simplefilter("ignore")
             parts = [partitioner.load_partition(i)["index"] for i in range(n_clients)]
     except ValueError as exc:
-        if cfg.partition != "dirichlet":
-            raise
         raise ConfigError(
             f"data.alpha: Dirichlet partitioning with alpha={cfg.alpha} could not give each of the "
             f"{n_clients} clients at least data.min_partition_size={cfg.min_partition_size} rows ({exc}); "

@@ -20,6 +20,8 @@ from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
 
+from torch import nn
+
 from fedllm.apps.client import client_app
 from fedllm.apps.server import server_app
 from fedllm.audit import canaries, empirical_attack
@@ -67,8 +69,9 @@ def resume(out: Path) -> tuple[RunSpec, int]:
     return RunSpec(config=cfg, out_dir=run_dir.root, resume=True, run_id=metrics.run_id), ckpt.round
 
 
-def check(spec: RunSpec) -> None:
-    """Load the data and plan every client's mechanism now, so bad input fails before Ray starts."""
+def check(spec: RunSpec) -> nn.Module:
+    """Load the data, build the coordinator's model and plan every client's mechanism now, so bad input fails
+    before Ray starts; the model is the one :func:`run` hands the ServerApp (built once in this process)."""
     cfg = spec.config
     if cfg.data.source == NODE_SOURCE:
         raise ConfigError(
@@ -78,13 +81,14 @@ def check(spec: RunSpec) -> None:
     pick_device(cfg.training.device)
     fed = federation_data(cfg)
     load_tokenizer(cfg.model.name)
-    build_model(cfg.model, len(fed.label_names))
+    model = build_model(cfg.model, len(fed.label_names))
     for split in fed.clients:
         if len(split.train) == 0:
             raise ConfigError(f"client '{split.client_id}': no training examples after partitioning")
         if cfg.privacy.enabled:
             settings = cfg.client_settings(split.client_id)
             plan_mechanism(settings, num_examples=len(split.train), source=f"client '{split.client_id}'")
+    return model
 
 
 def prepare(spec: RunSpec) -> None:
@@ -94,12 +98,18 @@ def prepare(spec: RunSpec) -> None:
     canaries.prepare(spec)
 
 
-def run(spec: RunSpec, *, on_round: Callable[[RoundRecord], None] | None = None, verbose: bool = False) -> RunMetrics:
-    """Steps 3 to 6 of a run that passed :func:`check`."""
+def run(
+    spec: RunSpec,
+    *,
+    on_round: Callable[[RoundRecord], None] | None = None,
+    verbose: bool = False,
+    model: nn.Module | None = None,
+) -> RunMetrics:
+    """Steps 3 to 6 of a run that passed :func:`check` (``model``: what it returned)."""
     run_dir = RunDir(spec.out_dir)
     try:
         prepare(spec)
-        run_engine(spec.config, server_app(spec, on_round), client_app(spec), verbose)
+        run_engine(spec.config, server_app(spec, on_round, model), client_app(spec), verbose)
         empirical_attack.finish(spec)  # the adversary's guesses on the final model, and the lower bound
         return run_dir.read_metrics()
     finally:
@@ -111,5 +121,4 @@ def simulate(
     spec: RunSpec, *, on_round: Callable[[RoundRecord], None] | None = None, verbose: bool = False
 ) -> RunMetrics:
     """The whole lifecycle for a spec from :func:`new` or :func:`resume`."""
-    check(spec)
-    return run(spec, on_round=on_round, verbose=verbose)
+    return run(spec, on_round=on_round, verbose=verbose, model=check(spec))

@@ -694,3 +694,23 @@ def test_iid_partitions_are_a_disjoint_cover(labels: list[str], n_clients: int, 
     for c in fed.clients:
         for ds in (c.train, c.test):
             assert all(fed.label_names[lab] == by_text[t] for t, lab in zip(ds.texts, ds.labels, strict=True))
+
+
+@pytest.mark.parametrize(("rows", "clients"), [(10, 3), (100, 7), (1000, 1), (57, 57), (2003, 40)])
+def test_iid_shards_are_flwr_datasets_iid_partitioner_shards(rows: int, clients: int) -> None:
+    """IID shards are computed directly (10,000 clients made flwr-datasets' per-shard select the start-up's
+    cost); they must stay exactly IidPartitioner's shards of the shuffled pool."""
+    import datasets
+    from flwr_datasets.partitioner import IidPartitioner
+
+    from fedllm.config.schema import DataConfig
+    from fedllm.data.partition import partition_pool, rng
+    from fedllm.data.records import Record
+
+    pool = tuple(Record(f"text {i}", str(i % 4), "f", i, "label") for i in range(rows))
+    ours = partition_pool(pool, {str(k): k for k in range(4)}, DataConfig(partition="iid"), clients, seed=5)
+    order = rng(5, "pool-order").permutation(rows)
+    partitioner = IidPartitioner(num_partitions=clients)
+    partitioner.dataset = datasets.Dataset.from_dict({"index": order.tolist()})
+    theirs = [tuple(pool[i] for i in partitioner.load_partition(c)["index"]) for c in range(clients)]
+    assert ours == theirs
