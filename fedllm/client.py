@@ -28,12 +28,12 @@ from fedllm.budget import ClientBudget, plan_mechanism
 from fedllm.checkpoint import arrays_hash
 from fedllm.config import ClientSettings, FederationConfig, ModelConfig, config_hash
 from fedllm.data.federation import federation_data
-from fedllm.data.readers import read_table
-from fedllm.data.records import ClientSplit, TextDataset
 from fedllm.errors import ConfigError
-from fedllm.features import FeatureDataset, node_dataset
+from fedllm.features import FeatureDataset
+from fedllm.head_lora import HEAD_LORA, HEAD_PHASE, phase
 from fedllm.ledger import Ledger, entry_to_metrics, make_entry
 from fedllm.model import build_model, get_trainable, pick_device, set_trainable
+from fedllm.node_assets import NodeAssets, assets_for, with_extra_rows
 from fedllm.profile import NODE_CONFIG_KEY as PROFILE_KEY
 from fedllm.profile import load_profile
 from fedllm.run.rundir import ClientDir
@@ -78,17 +78,6 @@ class NodeState(MutableMapping[str, str]):
         return len(self._record)
 
 
-@dataclass
-class NodeAssets:
-    """What a node prepares once and reuses every round: tokenized data (or, in head mode, the frozen
-    encoder's features of it) and the model object."""
-
-    split: ClientSplit
-    num_labels: int
-    train: TokenizedDataset | FeatureDataset
-    test: TokenizedDataset | FeatureDataset
-
-
 @lru_cache(maxsize=1)
 def _model(model_cfg: ModelConfig, num_labels: int) -> torch.nn.Module:
     """One model object per process; every round overwrites all its trainable tensors before use."""
@@ -108,34 +97,18 @@ def _assets(config: FederationConfig, client_id: str, extra_rows: str | None = N
     return assets_for(config, split, len(fed.label_names))
 
 
-def with_extra_rows(split: ClientSplit, path: Path, label_names: tuple[str, ...]) -> ClientSplit:
-    """``split`` with the rows of ``path`` (columns text and label, a label name) added to its training data.
+@dataclass(frozen=True)
+class LocalWork:
+    """What one round trains: which module, on which rows, in which mode, at which learning rate.
 
-    Extra rows in a client's state folder (``ClientDir.extra_rows_path``) are how an empirical audit's
-    canaries reach the audited client: as plain training rows, read like any data file. The client does not
-    know that it is audited, and nothing of the audit is imported here.
+    Only head-lora differs between rounds (:mod:`fedllm.head_lora`); the mechanism never does.
     """
-    index = {name: i for i, name in enumerate(label_names)}
-    rows = read_table(path, "text", "label")
-    unknown = sorted({label for _, label in rows if label not in index})
-    if unknown:
-        raise ConfigError(f"{path}: label(s) {', '.join(unknown)} are not among the federation's labels")
-    train = TextDataset(
-        split.train.texts + tuple(text for text, _ in rows),
-        split.train.labels + tuple(index[label] for _, label in rows),
-    )
-    return replace(split, train=train)
 
-
-def assets_for(config: FederationConfig, split: ClientSplit, num_labels: int) -> NodeAssets:
-    """Tokenize (or embed) one client's split once: simulation partitions the data, a deployed node reads its
-    own file. Head-mode features are computed on the node and cached there (``fedllm/features.py``)."""
-    return NodeAssets(
-        split=split,
-        num_labels=num_labels,
-        train=node_dataset(config.model, split.train),
-        test=node_dataset(config.model, split.test),
-    )
+    module: torch.nn.Module
+    data: TokenizedDataset | FeatureDataset
+    mode: str
+    learning_rate: float
+    physical_batch: int | None  # virtual steps bound memory where the encoder runs; feature rows never need them
 
 
 class FedClient(NumPyClient):
@@ -171,9 +144,13 @@ class FedClient(NumPyClient):
         set_trainable(model, parameters)
         return model
 
-    def _physical_batch(self) -> int | None:
-        """Virtual steps bound memory where the encoder runs; head mode trains on small feature vectors."""
-        return None if self.config.model.mode == "head" else self.config.training.max_physical_batch
+    def _work(self, model: torch.nn.Module, server_round: int) -> LocalWork:
+        m, t = self.config.model, self.config.training
+        mode = phase(m.mode, m.head_rounds, server_round, model)
+        if m.mode == HEAD_LORA and mode == HEAD_PHASE:  # LoRA inactive: the cached features are the encoder's
+            return LocalWork(model.head, self.assets.head_train, HEAD_PHASE, t.learning_rate, None)
+        lr = (t.lora_learning_rate or t.learning_rate) if m.mode == HEAD_LORA else t.learning_rate
+        return LocalWork(model, self.assets.train, mode, lr, None if mode == "head" else t.max_physical_batch)
 
     def _mechanism(self) -> Mechanism:
         return plan_mechanism(self.privacy, num_examples=len(self.assets.train), source=f"client '{self.client_id}'")
@@ -267,22 +244,20 @@ class FedClient(NumPyClient):
                 faults.maybe_vanish_or_stall(self.client_id, server_round)
                 accountant = make_accountant(self.privacy.accountant, history_before)
                 model = self._model_with(parameters)
+                work = self._work(model, server_round)
                 torch.seed()  # fresh, unpredictable noise and sampling: the model build reseeded the RNG
                 result = train_dp(
-                    model,
-                    self.assets.train,
+                    work.module,
+                    work.data,
                     steps=mechanism.steps,
                     batch_size=self.privacy.batch_size,
-                    learning_rate=self.config.training.learning_rate,
+                    learning_rate=work.learning_rate,
                     dp=DPSettings(
-                        mechanism.noise_multiplier,
-                        mechanism.max_grad_norm,
-                        self.config.model.mode,
-                        mechanism.sample_rate,
+                        mechanism.noise_multiplier, mechanism.max_grad_norm, work.mode, mechanism.sample_rate
                     ),
                     accountant=accountant,
                     device=self.device,
-                    max_physical_batch=self._physical_batch(),
+                    max_physical_batch=work.physical_batch,
                     optimizer=self.config.training.optimizer,
                 )
                 if accountant.history != history_of(budget.spent) or result.sample_rate != mechanism.sample_rate:
@@ -302,12 +277,13 @@ class FedClient(NumPyClient):
     ) -> tuple[list[np.ndarray], int, dict]:
         """The non-private baseline, labelled as such in every record (epsilon infinite)."""
         model = self._model_with(parameters)
+        work = self._work(model, server_round)
         result = train_plain(
-            model,
-            self.assets.train,
+            work.module,
+            work.data,
             steps=self.privacy.local_steps,
             batch_size=self.privacy.batch_size,
-            learning_rate=self.config.training.learning_rate,
+            learning_rate=work.learning_rate,
             device=self.device,
             optimizer=self.config.training.optimizer,
         )

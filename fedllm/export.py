@@ -35,6 +35,7 @@ from torch import nn
 from fedllm import checkpoint
 from fedllm.config import FederationConfig
 from fedllm.errors import ConfigError, FedllmError
+from fedllm.head_lora import HEAD_LORA
 from fedllm.model import (
     TINY_BERT,
     build_model,
@@ -49,6 +50,7 @@ from fedllm.run.rundir import RunDir
 PROVENANCE = "fedllm_export.json"
 LABELS = "labels.json"
 KINDS = ("merged", "adapter")
+POOLED_MODES = ("head", HEAD_LORA)  # a head on mean-pooled, normalised features: exported with fedllm's code
 
 
 @dataclass
@@ -110,10 +112,17 @@ def _require_head_pooling() -> None:
         )
 
 
+def _pooled_parts(cfg: FederationConfig, model: nn.Module) -> tuple[nn.Module, nn.Module]:
+    """(encoder, head) of a pooled-head run: head mode's frozen encoder, or head-lora's with LoRA merged in."""
+    if cfg.model.mode == HEAD_LORA:
+        return copy.deepcopy(model.encoder).merge_and_unload(), model.head
+    return frozen_encoder(cfg.model), model
+
+
 def _save_head_model(
-    cfg: FederationConfig, head: nn.Module, id2label: dict[int, str], label2id: dict[str, int], out: Path
+    cfg: FederationConfig, model: nn.Module, id2label: dict[int, str], label2id: dict[str, int], out: Path
 ) -> dict[str, str | None]:
-    """The frozen encoder every node embedded with, plus the run's head, as one model of fedllm's shipped code.
+    """The encoder the run's features came from, plus its head, as one model of fedllm's shipped code.
 
     The weights are loaded strictly by name (a missing or extra tensor is an error, never a random init) and
     the pooler, which mean-pooled features never use, is left out. Returns the code files' SHA-256.
@@ -123,7 +132,7 @@ def _save_head_model(
     from fedllm.export_head.modeling_fedllm_head import FedllmHeadForSequenceClassification
 
     _require_head_pooling()
-    body = frozen_encoder(cfg.model)
+    body, head = _pooled_parts(cfg, model)
     encoder_config = body.config.to_dict()
     for key in ("architectures", "id2label", "label2id", "_name_or_path", "transformers_version"):
         encoder_config.pop(key, None)
@@ -162,22 +171,28 @@ def export(run_dir: Path, out: Path, kind: str = "merged") -> Path:
     rm = load_run_model(run_dir)
     cfg, model = rm.config, rm.model
     is_lora = cfg.model.mode == "lora"
+    pooled = cfg.model.mode in POOLED_MODES
     if kind == "adapter":
         if cfg.model.mode == "head":
             raise ConfigError("--adapter: a head-mode run trained a head on a frozen encoder, no LoRA; export --merged")
+        if cfg.model.mode == HEAD_LORA:
+            raise ConfigError(
+                "--adapter: a head-lora run's head reads pooled features, which no adapter format describes;"
+                " export --merged"
+            )
         if not is_lora:
             raise ConfigError(f"--adapter: the run trained in '{cfg.model.mode}' mode, not LoRA; export --merged")
         if cfg.model.name == TINY_BERT:
             raise ConfigError("--adapter: tiny-bert is built in memory and has no checkpoint to name as the base")
     from fedllm.model_card import render_model_card
 
-    if cfg.model.mode == "head":
+    if pooled:
         _require_head_pooling()
     id2label, label2id = _label_maps(rm.labels)
     _prepare_out(out)
     base_path = str(Path(checkpoint_source(cfg.model.name)).resolve()) if cfg.model.name != TINY_BERT else TINY_BERT
     code: dict[str, str | None] | None = None
-    if cfg.model.mode == "head":
+    if pooled:
         code = _save_head_model(cfg, model, id2label, label2id, out)
     elif kind == "merged":
         plain = model.merge_and_unload() if is_lora else model

@@ -31,6 +31,7 @@ from torch.utils.data import Dataset, default_collate
 from fedllm.config import ModelConfig
 from fedllm.data.records import TextDataset
 from fedllm.files import atomic_write_bytes
+from fedllm.head_lora import mean_pool_l2
 from fedllm.model import TINY_BERT, checkpoint_source, frozen_encoder, hidden_size, load_tokenizer
 from fedllm.paths import cache_dir
 from fedllm.training import TokenizedDataset
@@ -85,10 +86,7 @@ def _embed(cfg: ModelConfig, texts: Sequence[str]) -> np.ndarray:
         # positions from the padding index; DistilBERT has no token types): no gradient flows here, so
         # Opacus' need for explicit ids (``training.forward``) does not apply.
         hidden = body(input_ids=input_ids, attention_mask=mask).last_hidden_state
-        m = mask.unsqueeze(-1).to(hidden.dtype)
-        pooled = (hidden * m).sum(1) / m.sum(1).clamp(min=1.0)
-        pooled = torch.nn.functional.normalize(pooled, dim=-1)
-        out[rows] = pooled.numpy()
+        out[rows] = mean_pool_l2(hidden, mask).numpy()
     return out
 
 

@@ -19,6 +19,7 @@ from torch import nn
 
 from fedllm.config import ModelConfig
 from fedllm.errors import ConfigError
+from fedllm.head_lora import HEAD_LORA, PooledClassifier
 
 TINY_BERT = "tiny-bert"
 TINY_HIDDEN = 32  # the random tiny-bert's width
@@ -195,7 +196,19 @@ def encoder_layers(model: nn.Module) -> nn.ModuleList:
 
 
 def _apply_mode(model: nn.Module, cfg: ModelConfig) -> nn.Module:
-    """Freeze what does not train. LoRA on the family's attention projections with the head trained in full."""
+    """Freeze what does not train. LoRA on the family's attention projections with the head trained in full;
+    head-lora: LoRA on the bare encoder under head mode's pooled head (:mod:`fedllm.head_lora`)."""
+    if cfg.mode == HEAD_LORA:
+        from peft import LoraConfig, get_peft_model
+
+        body = getattr(model, model.base_model_prefix)
+        lora = LoraConfig(
+            r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=0.0, target_modules=lora_targets(model, cfg)
+        )
+        torch.manual_seed(cfg.seed)
+        encoder = get_peft_model(body, lora)
+        head = FeatureHead(int(model.config.hidden_size), int(model.config.num_labels), cfg.head_hidden, cfg.seed)
+        return PooledClassifier(encoder, head)
     if cfg.mode == "lora":
         from peft import LoraConfig, TaskType, get_peft_model
 

@@ -62,10 +62,10 @@ _COVERS = """\
 
 
 _HEAD_CODE = """\
-**Loading needs `trust_remote_code=True`.** This model was trained in fedllm's `head` mode: the encoder
-stayed frozen and only a small head was trained, on the encoder's last hidden states averaged over the
-real tokens (the attention mask) and scaled to length 1 (L2). No class that ships with `transformers` pools
-and normalises that way, so this directory carries its own model code, about 60 lines that import only
+**Loading needs `trust_remote_code=True`.** This model was trained in fedllm's `{mode}` mode: {trained},
+on the encoder's last hidden states averaged over the real tokens (the attention mask) and scaled to length
+1 (L2). No class that ships with `transformers` pools and normalises that way, so this directory carries its
+own model code, about 60 lines that import only
 `torch` and `transformers`: `configuration_fedllm_head.py` (the settings) and `modeling_fedllm_head.py` (the
 model: the stock encoder built with `AutoModel.from_config` from `feature_encoder` in `config.json`, the
 mean over the mask, the L2 normalisation, then {hidden}). `trust_remote_code=True` tells `transformers` to
@@ -166,7 +166,15 @@ def render_model_card(run_dir: Path, provenance: dict[str, Any]) -> str:
     lines += _table(["round", "accuracy", "loss"], rows)
     lines += ["## Use", ""]
     if "code_sha256" in provenance:
-        lines += [_HEAD_CODE.format(hidden=_head_shape(provenance.get("head_hidden", 0))), ""]
+        mode = provenance["mode"]
+        trained = (
+            "the encoder stayed frozen and only a small head was trained"
+            if mode == "head"
+            else "a small head was trained first, then LoRA adapters on the encoder with it (merged into the"
+            " encoder's weights here)"
+        )
+        lines += [_HEAD_CODE.format(hidden=_head_shape(provenance.get("head_hidden", 0)), mode=mode, trained=trained)]
+        lines += [""]
         lines += [f"| `{name}` | `{digest}` |" for name, digest in provenance["code_sha256"].items()]
         lines += [""]
     lines += ["```python"]

@@ -61,6 +61,11 @@ def validate(cfg: FederationConfig, source: str = "config") -> None:
         )
     _check(m.last_layers >= 1, source, "model.last_layers", "must be >= 1", m.last_layers)
     _check(m.head_hidden >= 0, source, "model.head_hidden", "must be >= 0", m.head_hidden)
+    _check(m.head_rounds >= 0, source, "model.head_rounds", "must be >= 0", m.head_rounds)
+    if m.mode == "head-lora":
+        _check(m.head_rounds >= 1, source, "model.head_rounds", "must be >= 1 in head-lora mode", m.head_rounds)
+    if t.lora_learning_rate is not None:
+        _check(t.lora_learning_rate > 0, source, "training.lora_learning_rate", "must be > 0", t.lora_learning_rate)
     _check(t.local_steps >= 1, source, "training.local_steps", "must be >= 1", t.local_steps)
     _check(t.batch_size >= 1, source, "training.batch_size", "must be >= 1", t.batch_size)
     _check(t.learning_rate > 0, source, "training.learning_rate", "must be > 0", t.learning_rate)

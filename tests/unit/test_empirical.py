@@ -21,10 +21,10 @@ from support import EMPIRICAL_SCENARIO
 from fedllm.audit.canaries import make_canaries, prepare
 from fedllm.audit.empirical_attack import black_box_scores, guess
 from fedllm.audit.empirical_bound import epsilon_lower_bound, p_value
-from fedllm.client import with_extra_rows
 from fedllm.config import from_dict
 from fedllm.data.federation import federation_data
 from fedllm.errors import ConfigError
+from fedllm.node_assets import with_extra_rows
 from fedllm.run.rundir import ClientDir, RunDir
 from fedllm.run.spec import RunSpec
 

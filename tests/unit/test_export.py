@@ -361,3 +361,38 @@ def test_head_export_of_other_encoders_with_a_hidden_layer_gives_the_head_logits
     theirs = _pipeline_logits(load_pipeline(out), texts, rm.labels)
     torch.testing.assert_close(theirs, ours, rtol=1e-4, atol=1e-4)
     assert ours.abs().max() > 1e-2
+
+
+# --- head-lora: the head first, then LoRA from it; exported with LoRA merged under the same pooled head ---
+
+
+@pytest.fixture(scope="module")
+def head_lora_run(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("export-head-lora") / "run"
+    args = ["simulate", str(TINY), "--mode", "head-lora", "--head-rounds", "1", "--clients", "2", "--quiet"]
+    assert main([*args, "--out", str(out)]) == 0
+    return out
+
+
+def test_head_lora_export_merges_lora_and_gives_the_run_logits(head_lora_run, tmp_path, tokenizer):
+    from fedllm.training import collate, forward
+
+    out = tmp_path / "model"
+    assert main(["export", str(head_lora_run), "--out", str(out)]) == 0
+    assert main(["export", str(head_lora_run), "--adapter", "--out", str(tmp_path / "adapter")]) == 2
+    rm = load_run_model(head_lora_run)
+    lora_b = [p for n, p in rm.model.named_parameters() if "lora_B" in n]
+    assert lora_b and any(p.abs().max() > 0 for p in lora_b)  # round 2 trained LoRA: the merge changes weights
+    texts = _head_texts(head_lora_run)
+    rows = [
+        (torch.tensor(ids), torch.tensor(0)) for ids in tokenizer(texts, truncation=True, max_length=32)["input_ids"]
+    ]
+    with torch.no_grad():
+        ours = torch.cat([forward(rm.model, *collate([row], tokenizer.pad_token_id)[:2]) for row in rows])
+    got = _consume(out, texts, tmp_path)
+    theirs = torch.tensor([[{s["label"]: s["score"] for s in row}[n] for n in rm.labels] for row in got["pipeline"]])
+    torch.testing.assert_close(theirs, ours, rtol=1e-4, atol=1e-4)
+    assert ours.abs().max() > 1e-3
+    provenance = json.loads((out / "fedllm_export.json").read_text())
+    assert provenance["mode"] == "head-lora"
+    assert "`head-lora` mode: a small head was trained first, then LoRA" in (out / "README.md").read_text()
