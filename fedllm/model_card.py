@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from fedllm.ledger import read_entries
+from fedllm.report.cells import never_sampled_text
 from fedllm.report.facts import build_report
 from fedllm.run.rundir import RunDir
 
@@ -146,6 +147,8 @@ def render_model_card(run_dir: Path, provenance: dict[str, Any]) -> str:
             for c in report["clients"]
         ],
     )
+    never = never_sampled_text(report)
+    lines += [never, ""] if never else []
     lines += [
         f"Ledger: {facts['ledger_rows']} rows, head hash `{facts['ledger_head'] or '-'}`.",
         "",

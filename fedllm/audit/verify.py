@@ -27,9 +27,11 @@ from fedllm.audit.findings import (
     CONFIG_EDITED,
     DEFAULT_TOLERANCE,
     ROW_DELETED,
+    SHOWN_IDS,
     AuditResult,
     ClientAudit,
     Findings,
+    id_list,
 )
 from fedllm.audit.spend import Configured, audit_client
 from fedllm.config import from_dict
@@ -52,17 +54,16 @@ def audit(run_dir: Path, tolerance: float = DEFAULT_TOLERANCE) -> AuditResult:
 
     ids: list[str] = list(dict.fromkeys(e.client_id for e in coord))
     ids += [c for c in run.client_ids_on_disk() if c not in ids]
-    configured = list(cfg.budgets) if cfg else []
+    configured = {c: i for i, c in enumerate(cfg.budgets)} if cfg else {}  # client -> place in config.toml
     first_seen = {c: i for i, c in enumerate(ids)}
-    ids.sort(key=lambda c: (configured.index(c) if c in configured else len(configured), first_seen[c]))
+    ids.sort(key=lambda c: (configured.get(c, len(configured)), first_seen[c]))
+    never = [cid for cid in configured if cid not in first_seen]  # no row anywhere, no own ledger
+    # A private run: only its own ledger could say such a client never trained, so the run is unverified.
+    withheld = never if cfg and cfg.enabled else []
+    never_lines = _never_sampled(run, never)
+    if not withheld:
+        notes.extend(never_lines)
     missing: dict[str, list[str]] = {}  # client -> what it did not hand over: the run is then unverified
-    for cid in configured:
-        if cid not in ids:
-            what = f"client {cid} (config.toml) has no rows in any ledger and no own ledger at {run.client(cid).root}"
-            if cfg and cfg.enabled:  # a private run: only its own ledger can say it never trained
-                missing.setdefault(cid, []).append(f"{what}: never sampled, or left out")
-            else:
-                notes.append(f"{what}: never sampled, or left out")
 
     views = [_view(run, cid, coord, run_ids, out) for cid in ids]
     clients: list[ClientAudit] = []
@@ -94,10 +95,25 @@ def audit(run_dir: Path, tolerance: float = DEFAULT_TOLERANCE) -> AuditResult:
         clients=final,
         findings=out.lines,
         notes=notes,
-        unverified=list(missing),
-        gaps=[line for lines in missing.values() for line in lines],
+        unverified=[*withheld, *missing],
+        gaps=[*(never_lines if withheld else []), *(line for lines in missing.values() for line in lines)],
         flagged=sorted(out.bad_clients),
     )
+
+
+def _never_sampled(run: RunDir, never: list[str]) -> list[str]:
+    """Configured clients with no row in any ledger and no own ledger: a line each, or, past a few (10,000
+    registered, 20 sampled), one line that counts them and names the first; ``unverified`` lists them all."""
+    if len(never) <= SHOWN_IDS:
+        where = (
+            f"client {cid} (config.toml) has no rows in any ledger and no own ledger at {run.client(cid).root}"
+            for cid in never
+        )
+        return [f"{what}: never sampled, or left out" for what in where]
+    return [
+        f"{len(never)} clients (config.toml) have no rows in any ledger and no own ledger under {run.clients_root}:"
+        f" never sampled, or left out ({id_list(never)})"
+    ]
 
 
 def _read_checked(path: Path, where: str, out: Findings) -> tuple[list[LedgerEntry], set[int]]:

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 from typing import Any
 
+from fedllm.audit.findings import id_list
 from fedllm.report.curve import table
+
+SHOWN_NEVER_SAMPLED = 10  # ids of never-sampled clients a page names; report.json holds all of them
 
 
 def cell(value: Any, digits: int = 4) -> str:
@@ -38,6 +41,18 @@ def settings_rows(report: dict[str, Any]) -> list[tuple[str, str]]:
         ("secure aggregation", "on" if run["secure_aggregation"] else "not used"),
         ("TLS", "on" if run["tls"] else "not used"),
     ]
+
+
+def never_sampled_text(report: dict[str, Any]) -> str | None:
+    """The configured clients that never took part, as one sentence (count and the first few ids); None when
+    every configured client did. They get no row of their own: 10,000 registered clients are not 10,000 rows."""
+    never = report.get("never_sampled") or {"count": 0, "ids": []}
+    if not never["count"]:
+        return None
+    return (
+        f"{never['count']} configured client(s) never took part (no row in the coordinator's ledger, no folder of"
+        f" their own): {id_list(never['ids'], SHOWN_NEVER_SAMPLED)}. report.json lists every id."
+    )
 
 
 EMPIRICAL_HEAD = ["client", "theoretical ε", "empirical lower bound", "canaries m", "guesses", "correct", "adversary"]

@@ -27,7 +27,7 @@ from fedllm.run.rundir import RunDir
 from fedllm.signing import fingerprint, public_path
 
 SCHEMA = "fedllm-report"
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: configured clients that never took part left `clients` for `never_sampled`
 
 
 def finite(x: Any) -> float | None:
@@ -131,16 +131,33 @@ def _rounds(src: _Sources) -> list[dict[str, Any]]:
     return out
 
 
-def _clients(src: _Sources, settings: dict[str, Any], rounds: list[int], rd: RunDir) -> list[dict[str, Any]]:
+def _took_part(src: _Sources, settings: dict[str, Any], rd: RunDir) -> tuple[list[str], list[str]]:
+    """The clients the report details (a row in the coordinator's ledger, a status in ``metrics.json`` or a
+    folder of their own: clients of ``config.toml`` first, in its order, then any other in the ledger) and
+    the configured clients with none of these. A federation registers 10,000 clients and samples 10 a round:
+    one entry with per-round series for each registered client made a 9 MB page about the 20 that took part."""
+    root = rd.clients_root
+    seen = {d.name for d in root.iterdir() if d.is_dir()} if root.is_dir() else set()
+    seen |= {cid for r in (src.metrics.rounds if src.metrics else []) for cid in r.clients}
+    in_ledger = dict.fromkeys(e.client_id for e in src.coord)
+    configured = settings["budgets"]
+    details = [cid for cid in configured if cid in in_ledger or cid in seen]
+    details += [cid for cid in in_ledger if cid not in configured]
+    never = [cid for cid in configured if cid not in in_ledger and cid not in seen]
+    return details, never
+
+
+def _clients(src: _Sources, settings: dict[str, Any], rounds: list[int], rd: RunDir, ids: list[str]) -> list[dict]:
     dp = settings["dp"]
-    ids = list(settings["budgets"])
-    ids += [cid for cid in dict.fromkeys(e.client_id for e in src.coord) if cid not in ids]
     metric_status = {
         (cid, r.round): c.status for r in (src.metrics.rounds if src.metrics else []) for cid, c in r.clients.items()
     }
+    rows_of: dict[str, list[LedgerEntry]] = {}
+    for e in src.coord:
+        rows_of.setdefault(e.client_id, []).append(e)
     out = []
     for cid in ids:
-        rows = [e for e in src.coord if e.client_id == cid]
+        rows = rows_of.get(cid, [])
         by_round = {e.round: e for e in rows}
         private = dp and not any(e.accountant == NON_PRIVATE for e in rows)
         eps_series: list[float | None] = []
@@ -194,6 +211,7 @@ def build_report(run_dir: Path) -> dict[str, Any]:
     settings = _settings(src, rd, completed)
     m = src.metrics
     audit_summary, _ = _audit_summary(rd.root)
+    took_part, never = _took_part(src, settings, rd)
     return {
         "schema": SCHEMA,
         "version": SCHEMA_VERSION,
@@ -204,7 +222,8 @@ def build_report(run_dir: Path) -> dict[str, Any]:
             "loss": finite(m.initial_loss) if m else None,
         },
         "rounds": rounds,
-        "clients": _clients(src, settings, [r["round"] for r in rounds], rd),
+        "clients": _clients(src, settings, [r["round"] for r in rounds], rd, took_part),
+        "never_sampled": {"count": len(never), "ids": never},
         "audit": audit_summary,
         "empirical_audit": _empirical(rd.root),
         "curve": sibling_curve(rd.root),

@@ -23,6 +23,7 @@ from fedllm.report.cells import (
     curve_rows,
     empirical_rows,
     eps_cell,
+    never_sampled_text,
     settings_rows,
 )
 from fedllm.report.svg import CHART_CSS, accuracy_chart, curve_chart, epsilon_chart
@@ -154,6 +155,9 @@ def render_html(report: dict[str, Any]) -> str:
             f'<td class="l">{e(statuses)}</td><td class="l">{e(c["key_fingerprint"] or "-")}</td></tr>'
         )
     out.append("</tbody></table>")
+    never = never_sampled_text(report)
+    if never:
+        out.append(f'<p id="never-sampled" class="muted">{e(never)}</p>')
 
     if dp and rounds:
         out.append('<h3>Epsilon per round</h3><table id="epsilon-table"><thead><tr><th class="l">client</th>')

@@ -11,6 +11,7 @@ from fedllm.report.cells import (
     curve_rows,
     empirical_rows,
     eps_cell,
+    never_sampled_text,
     settings_rows,
 )
 
@@ -54,6 +55,9 @@ def render_markdown(report: dict[str, Any]) -> str:
             for c in report["clients"]
         ],
     )
+    never = never_sampled_text(report)
+    if never:
+        lines += [_md(never), ""]
     if dp and rounds:
         lines += ["## Epsilon per round", ""]
         lines += _md_table(

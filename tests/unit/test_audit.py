@@ -458,3 +458,53 @@ def test_unfinished_last_reservation_counts_without_a_finding(run_dir):
     alpha = result.clients[0]
     assert alpha.reported_epsilon == eps and alpha.rounds_trained == 3
     assert math.isclose(alpha.recomputed_epsilon, eps, rel_tol=1e-9)
+
+
+# ---------------------------------------------------------------------------------------------- many registered clients
+
+
+def test_thousands_of_never_sampled_clients_are_one_gap_line(tmp_path, capsys):
+    """2,000 clients registered, 3 sampled: the run stays unverified and `unverified` names all 1,997 others
+    (only a client's own ledger could prove it never trained), but the output counts them in one line."""
+    run = write_run(tmp_path / "run", rounds=1, config_extra={"num_clients": 2000})
+    never = [f"client-{i}" for i in range(1997)]
+    result = audit(run)
+    assert result.findings == [] and result.status == "unverified" and result.exit_status == 3
+    assert result.unverified == never and [c.client for c in result.clients] == list(CLIENTS)
+    assert all(c.ok for c in result.clients)  # the three that took part check out
+    assert result.gaps == [
+        f"1997 clients (config.toml) have no rows in any ledger and no own ledger under {run / 'clients'}:"
+        " never sampled, or left out (client-0, client-1, client-2, client-3, client-4 and 1992 more)"
+    ]
+    assert result.verdict() == (
+        "unverified: no own ledger or no key from client(s) client-0, client-1, client-2, client-3, client-4 and"
+        " 1992 more; the coordinator's record of them could not be checked"
+    )
+    assert _exit_code(run) == 3
+    out = capsys.readouterr().out
+    assert out.count("UNVERIFIED:") == 1 and "1997 clients (config.toml)" in out
+    assert "client-5" not in out and "client-1996" not in out and len(out.splitlines()) < 40
+    assert _exit_code(run, "--json") == 3
+    data = json.loads(capsys.readouterr().out)
+    assert data["unverified"] == never and len(data["gaps"]) == 1
+
+
+def test_few_never_sampled_clients_keep_a_line_each(tmp_path):
+    """Up to five, each still gets its own line (the wording tests and readers know)."""
+    extra = {"num_clients": 8, "clients": [{"id": c} for c in CLIENTS]}
+    result = audit(write_run(tmp_path / "run", rounds=1, config_extra=extra))
+    assert result.unverified == [f"client-{i}" for i in range(5)] and len(result.gaps) == 5
+    assert result.gaps[4] == (
+        f"client client-4 (config.toml) has no rows in any ledger and no own ledger at"
+        f" {tmp_path / 'run' / 'clients' / 'client-4'}: never sampled, or left out"
+    )
+
+
+def test_non_private_run_with_thousands_of_never_sampled_clients_is_one_note(tmp_path):
+    """A non-private run spends nothing to check: the never-sampled clients are a note, and one note."""
+    result = audit(write_run(tmp_path / "run", dp=False, rounds=1, config_extra={"num_clients": 2000}))
+    assert result.status == "clean" and result.unverified == [] and result.gaps == []
+    assert [n for n in result.notes if "never sampled" in n] == [
+        f"1997 clients (config.toml) have no rows in any ledger and no own ledger under {tmp_path / 'run' / 'clients'}:"
+        " never sampled, or left out (client-0, client-1, client-2, client-3, client-4 and 1992 more)"
+    ]

@@ -12,7 +12,7 @@ import pytest
 from support import RUN_ID, write_run
 
 from fedllm.cli.report import register
-from fedllm.ledger import read_entries
+from fedllm.ledger import Ledger, read_entries
 from fedllm.metrics import read as read_metrics
 from fedllm.report.facts import SCHEMA_VERSION
 from fedllm.report.write import write_reports
@@ -318,3 +318,86 @@ def test_folder_without_runs_is_refused(tmp_path, capsys):
     assert main(["report", str(tmp_path / "empty")]) == 2
     assert "not a fedllm run directory" in capsys.readouterr().err
     assert not list((tmp_path / "empty").iterdir())
+
+
+# ---------------------------------------------------------------------------------------------- many registered clients
+
+
+@pytest.fixture(scope="module")
+def crowd_run(tmp_path_factory):
+    """2,000 clients registered (config.toml), 3 of them sampled: the others (client-0 ... client-1996) have
+    no ledger row and no folder."""
+    run = write_run(tmp_path_factory.mktemp("crowd") / "run", rounds=2, config_extra={"num_clients": 2000})
+    return run, write_reports(run)
+
+
+def test_report_details_only_the_clients_that_took_part(crowd_run):
+    run, paths = crowd_run
+    report = json.loads(paths["json"].read_text())
+    never = [f"client-{i}" for i in range(1997)]
+    assert report["run"]["num_clients"] == 2000 and len(report["run"]["budgets"]) == 2000
+    assert [c["id"] for c in report["clients"]] == ["alpha", "beta", "gamma"]
+    rows = read_entries(run / "ledger.sqlite")
+    for c in report["clients"]:  # every field, as for a run of three
+        trained = [e for e in rows if e.client_id == c["id"] and e.status == "trained"]
+        assert c["rounds_trained"] == 2 and c["final_epsilon"] == trained[-1].epsilon
+        assert c["status_per_round"] == ["trained", "trained"] and len(c["epsilon_per_round"]) == 2
+        assert c["budget_epsilon"] == 8.0 and c["delta"] == 1e-5 and c["key_fingerprint"].startswith("SHA256:")
+    assert report["never_sampled"] == {"count": 1997, "ids": never}
+    assert report["audit"]["status"] == "unverified" and report["audit"]["unverified"] == never
+    assert len(report["audit"]["gaps"]) == 1 and "1997 clients" in report["audit"]["gaps"][0]
+
+
+def test_report_pages_stay_small_and_count_the_others(crowd_run):
+    _, paths = crowd_run
+    page, md = paths["html"].read_text(), paths["md"].read_text()
+    assert paths["html"].stat().st_size < 200_000 and paths["md"].stat().st_size < 50_000
+    assert page.count('class="series"') == 3  # one epsilon series per client that took part
+    sentence = "1997 configured client(s) never took part"
+    assert 'id="never-sampled"' in page and sentence in page and sentence in md
+    shown = ", ".join(f"client-{i}" for i in range(10))
+    assert f"{shown} and 1987 more" in page and f"{shown} and 1987 more" in md
+    assert "client-10," not in page and "client-1996" not in page and "client-1996" not in md
+    assert page.count("<li>unverified: ") == 1 and md.count("- **unverified:** ") == 1
+    assert "client-4 and 1992 more" in page  # the verdict names the first five
+
+
+def test_configured_client_with_a_folder_of_its_own_is_listed(tmp_path):
+    """A client with no ledger row but a folder of its own (an empty ledger: it never trained) gets its entry;
+    without the folder it is counted in never_sampled, and a run where everyone took part has none."""
+    assert json.loads(write_reports(write_run(tmp_path / "all"))["json"].read_text())["never_sampled"] == {
+        "count": 0,
+        "ids": [],
+    }
+    extra = {"num_clients": 4, "clients": [{"id": c} for c in ("alpha", "beta", "gamma", "delta")]}
+    run = write_run(tmp_path / "run", rounds=1, config_extra=extra)
+    paths = write_reports(run)
+    report = json.loads(paths["json"].read_text())
+    assert [c["id"] for c in report["clients"]] == ["alpha", "beta", "gamma"]
+    assert report["never_sampled"] == {"count": 1, "ids": ["delta"]}
+    assert (
+        "1 configured client(s) never took part" in paths["html"].read_text() and ": delta." in paths["md"].read_text()
+    )
+    (run / "clients" / "delta").mkdir()
+    Ledger(run / "clients" / "delta" / "ledger.sqlite").close()
+    report = json.loads(write_reports(run)["json"].read_text())
+    assert [c["id"] for c in report["clients"]] == ["alpha", "beta", "gamma", "delta"]
+    delta = report["clients"][3]
+    assert delta["rounds_trained"] == 0 and delta["final_epsilon"] == 0.0 and delta["status_per_round"] == [None]
+    assert report["never_sampled"] == {"count": 0, "ids": []}
+    assert 'id="never-sampled"' not in write_reports(run)["html"].read_text()
+
+
+def test_client_only_metrics_json_knows_of_is_listed(tmp_path):
+    """Sampled, but it never answered and nothing else recorded it: metrics.json's status still shows."""
+    from fedllm.metrics import ClientRound
+    from fedllm.metrics import write as write_metrics
+
+    extra = {"num_clients": 4, "clients": [{"id": c} for c in ("alpha", "beta", "gamma", "delta")]}
+    run = write_run(tmp_path / "run", rounds=1, config_extra=extra)
+    m = read_metrics(run / "metrics.json")
+    m.rounds[0].clients["delta"] = ClientRound(status="dropped")
+    write_metrics(m, run / "metrics.json")
+    report = json.loads(write_reports(run)["json"].read_text())
+    assert [c["id"] for c in report["clients"]][3:] == ["delta"] and report["never_sampled"]["count"] == 0
+    assert report["clients"][3]["status_per_round"] == ["dropped"] and report["clients"][3]["rounds_trained"] == 0
