@@ -49,6 +49,7 @@ def write_run(
     delta: float = 1e-5,
     refuse_from: dict[str, int] | None = None,
     fail_round: dict[str, int] | None = None,
+    late_round: dict[str, int] | None = None,
     epsilon_scale: float = 1.0,
     stopped_early: str | None = None,
     config_extra: dict | None = None,
@@ -56,10 +57,12 @@ def write_run(
     """A run directory as the coordinator and clients leave it: ledgers, keys, config.toml, metrics.json.
 
     ``refuse_from``: a client refuses every round from that one on. ``fail_round``: a client reserves that
-    round, then fails (no coordinator row; its own budget still counts the reservation). ``epsilon_scale``
+    round, then fails (no coordinator row; its own budget still counts the reservation). ``late_round``: a
+    client trains that round but answers too late (its own trained row; the coordinator has none and records
+    it as dropped). ``epsilon_scale``
     makes every client under-report epsilon consistently (its own ledger and signature agree with the lie).
     """
-    refuse_from, fail_round = refuse_from or {}, fail_round or {}
+    refuse_from, fail_round, late_round = refuse_from or {}, fail_round or {}, late_round or {}
     raw = {
         "name": "audit-test",
         "rounds": rounds_planned or rounds,
@@ -103,10 +106,10 @@ def write_run(
                     record.clients[c] = ClientRound(status="trained", examples=100, delta=delta)
                     continue
                 dp_common = {**common, "accountant": accountant, "budget_epsilon": budget}
-                if r == fail_round.get(c):
+                if r in (fail_round.get(c), late_round.get(c)):
                     spent[c] += 1
                     eps = rounds_epsilon(accountant, spent[c], delta) * epsilon_scale
-                    for status in ("reserved", "failed"):
+                    for status in ("reserved", "failed" if r == fail_round.get(c) else "trained"):
                         own[c].append(make_entry(**dp_common, status=status, mechanism=MECH, epsilon=eps))
                     record.clients[c] = ClientRound(status="dropped")
                     continue

@@ -148,7 +148,7 @@ def by_key(rows: Iterable[LedgerEntry], status: str) -> dict[tuple[str, int], li
     return out
 
 
-def cross_check(view: ClientView, out: Findings) -> set[int]:
+def cross_check(view: ClientView, out: Findings, notes: list[str], dropped: set[tuple[str, int]]) -> set[int]:
     """The coordinator's trained rows must be the client's own trained rows: same rounds, same mechanism.
 
     Rows are paired per (run, round) in order, so a round legitimately trained twice (a coordinator that
@@ -157,6 +157,12 @@ def cross_check(view: ClientView, out: Findings) -> set[int]:
     this is what catches a coordinator ledger whose last round(s) were cut and whose chain was rebuilt, which
     no check of that ledger alone can see. (A reservation without an outcome, or one that failed, may
     honestly have no coordinator row: the client never answered. It is counted in the spend, not flagged.)
+
+    ``dropped``: (client, round) pairs the coordinator's ``metrics.json`` records as dropped. A client that
+    trained but answered after the stage's timeout has a trained row of its own and none at the coordinator,
+    which is what an honest slow round and a cut row both look like; the coordinator said so at the time,
+    and the spend is counted from the client's own ledger either way, so it is a note that the coordinator's
+    ledger understates this client, not a deleted row.
     """
     differ: set[int] = set()
     if view.own is None:
@@ -165,6 +171,13 @@ def cross_check(view: ClientView, out: Findings) -> set[int]:
     for key in sorted(set(mine) | set(theirs)):
         own_rows, coord_rows = mine.get(key, []), theirs.get(key, [])
         for c in own_rows[len(coord_rows) :]:
+            if (view.client, key[1]) in dropped:
+                notes.append(
+                    f"client {view.client} trained round {key[1]} (its own ledger, seq {c.seq}, epsilon"
+                    f" {fmt(c.epsilon)}) but the coordinator recorded it as dropped (reply late or lost): the"
+                    " coordinator's ledger understates this client; its spend is counted from its own ledger"
+                )
+                continue
             out.add(
                 ROW_DELETED,
                 f"coordinator ledger lacks client {view.client}'s trained round {key[1]}"

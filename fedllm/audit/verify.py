@@ -65,11 +65,12 @@ def audit(run_dir: Path, tolerance: float = DEFAULT_TOLERANCE) -> AuditResult:
         notes.extend(never_lines)
     missing: dict[str, list[str]] = {}  # client -> what it did not hand over: the run is then unverified
 
+    dropped = _recorded_dropped(run)
     views = [_view(run, cid, coord, run_ids, out) for cid in ids]
     clients: list[ClientAudit] = []
     for view in views:
         bad_sig = check_signatures(view, edited, out)
-        differ = cross_check(view, out)
+        differ = cross_check(view, out, notes, dropped)
         audited = audit_client(view, cfg, tolerance, edited | bad_sig | differ, out, notes)
         clients.append(audited)
         lacking = gaps(view, audited.private, run.client(view.client))
@@ -172,6 +173,18 @@ def _configured(run: RunDir, coord: list[LedgerEntry], out: Findings, notes: lis
     else:
         notes.append(line)
     return None
+
+
+def _recorded_dropped(run: RunDir) -> set[tuple[str, int]]:
+    """(client, round) pairs ``metrics.json`` records as dropped; none where it is missing or unreadable
+    (:func:`_metrics_cross_check` files that)."""
+    if not run.metrics_path.is_file():
+        return set()
+    try:
+        metrics = run.read_metrics()
+    except (ValueError, KeyError, TypeError):
+        return set()
+    return {(cid, r.round) for r in metrics.rounds for cid, c in r.clients.items() if c.status == "dropped"}
 
 
 def _metrics_cross_check(run: RunDir, coord: list[LedgerEntry], out: Findings) -> None:

@@ -147,7 +147,11 @@ def _took_part(src: _Sources, settings: dict[str, Any], rd: RunDir) -> tuple[lis
     return details, never
 
 
-def _clients(src: _Sources, settings: dict[str, Any], rounds: list[int], rd: RunDir, ids: list[str]) -> list[dict]:
+def _clients(
+    src: _Sources, settings: dict[str, Any], rounds: list[int], rd: RunDir, ids: list[str], spent: dict[str, float]
+) -> list[dict]:
+    """``spent``: each client's spend from its own ledger where the audit read one (it counts rounds the
+    coordinator recorded as dropped, whose rows only the client holds); the report never shows less."""
     dp = settings["dp"]
     metric_status = {
         (cid, r.round): c.status for r in (src.metrics.rounds if src.metrics else []) for cid, c in r.clients.items()
@@ -178,7 +182,7 @@ def _clients(src: _Sources, settings: dict[str, Any], rounds: list[int], rd: Run
                 "id": cid,
                 "budget_epsilon": budget if private else None,
                 "delta": delta,
-                "final_epsilon": (finite(trained[-1].epsilon) if trained else 0.0) if private else None,
+                "final_epsilon": _final_epsilon(trained, spent.get(cid)) if private else None,
                 "rounds_trained": len(trained),
                 "epsilon_per_round": eps_series,
                 "status_per_round": status_series,
@@ -186,6 +190,12 @@ def _clients(src: _Sources, settings: dict[str, Any], rounds: list[int], rd: Run
             }
         )
     return out
+
+
+def _final_epsilon(trained: list[LedgerEntry], own: float | None) -> float | None:
+    coordinator = finite(trained[-1].epsilon) if trained else 0.0
+    own = finite(own) if own is not None else None
+    return max(coordinator, own) if coordinator is not None and own is not None else coordinator
 
 
 def _audit_summary(run_dir: Path) -> tuple[dict[str, Any], AuditResult | None]:
@@ -210,7 +220,8 @@ def build_report(run_dir: Path) -> dict[str, Any]:
     completed = len(src.metrics.rounds) if src.metrics else len(rounds)
     settings = _settings(src, rd, completed)
     m = src.metrics
-    audit_summary, _ = _audit_summary(rd.root)
+    audit_summary, result = _audit_summary(rd.root)
+    spent = {c.client: c.reported_epsilon for c in result.clients if c.reported_epsilon is not None} if result else {}
     took_part, never = _took_part(src, settings, rd)
     return {
         "schema": SCHEMA,
@@ -222,7 +233,7 @@ def build_report(run_dir: Path) -> dict[str, Any]:
             "loss": finite(m.initial_loss) if m else None,
         },
         "rounds": rounds,
-        "clients": _clients(src, settings, [r["round"] for r in rounds], rd, took_part),
+        "clients": _clients(src, settings, [r["round"] for r in rounds], rd, took_part, spent),
         "never_sampled": {"count": len(never), "ids": never},
         "audit": audit_summary,
         "empirical_audit": _empirical(rd.root),

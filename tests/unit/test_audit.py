@@ -125,6 +125,36 @@ def test_failed_round_reservation_counts_and_is_noted(tmp_path):
     assert any("beta" in n and "reserved spend" in n for n in result.notes)
 
 
+def test_a_round_trained_but_answered_too_late_is_a_note_and_counts_in_the_spend(tmp_path):
+    """An honest slow client: it trained round 2, its reply missed the stage's timeout, the coordinator
+    recorded it as dropped. Not a deleted row; the client's own ledger carries the spend, and the report
+    shows that spend, never the coordinator's smaller one."""
+    from fedllm.report.facts import build_report
+
+    run = write_run(tmp_path / "run", late_round={"beta": 2})
+    result = audit(run)
+    assert result.findings == [] and result.status == "clean"
+    beta = next(c for c in result.clients if c.client == "beta")
+    assert math.isclose(beta.reported_epsilon, rounds_epsilon("prv", 3, 1e-5))
+    assert any("beta trained round 2" in n and "recorded it as dropped" in n for n in result.notes)
+    report = build_report(run)
+    shown = next(c for c in report["clients"] if c["id"] == "beta")
+    assert math.isclose(shown["final_epsilon"], rounds_epsilon("prv", 3, 1e-5))  # coordinator's rows say 2 rounds
+    assert shown["rounds_trained"] == 2
+
+
+def test_a_trained_round_missing_at_the_coordinator_without_a_dropped_record_is_a_deleted_row(tmp_path):
+    """The same evidence without the coordinator's "dropped" record: a cut row, as before."""
+    run = write_run(tmp_path / "run", late_round={"beta": 2})
+    metrics = json.loads((run / "metrics.json").read_text())
+    for record in metrics["rounds"]:
+        record["clients"].pop("beta", None)
+    (run / "metrics.json").write_text(json.dumps(metrics))
+    result = audit(run)
+    assert [f for f in result.findings if "lacks client beta's trained round 2" in f]
+    assert result.status == "violations"
+
+
 def test_round_redone_after_a_coordinator_restart_audits_clean(run_dir):
     """A resumed run may train a round twice; both spends are real, signed and in the client's ledger."""
     key = load_or_create_key(run_dir / "clients" / "alpha" / "node_key")
