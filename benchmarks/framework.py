@@ -3,7 +3,8 @@
 The bare loop is what a researcher would write without federation: one process, the same partition, the
 same node data (``node_dataset``: token rows, or frozen-encoder feature rows in head mode), the same model
 object, the same DP-SGD mechanism per client (``plan_mechanism``: noise calibrated for the schedule),
-``train_dp`` for the same number of steps, a FedAvg mean of the trainable tensors, and the same central
+``train_dp`` for the same number of steps (with the clients' optimizer and, where the encoder runs, their
+physical batch limit: Opacus' virtual steps), a FedAvg mean of the trainable tensors, and the same central
 evaluation before training and after every round. Both sides run as fresh subprocesses and are timed from
 launch to exit, alternately (sim, bare, sim, bare ...). What the ratio then charges to the framework: Ray
 start-up and actors, Flower's messages (SecAgg+'s four exchanges per round by default), per-process
@@ -14,11 +15,19 @@ on a shared, overloaded machine the CPU-time ratio is the one that means somethi
 depends on what else runs), on a quiet machine the wall-time ratio is what a user feels. The simulation's
 wall time outside its rounds, its first round (Ray and actor start-up) and its later rounds are reported
 apart: start-up is a fixed cost that longer runs amortise, the later rounds are the per-round overhead.
+The same split is made in CPU time: the simulation's process tree is sampled with the number of rounds its
+``metrics.json`` holds (rewritten after every round), the bare loop reports its own CPU time after set-up
+and after each round; "start-up" is launch to the end of round 1 on both sides (imports, Ray, actors, model
+builds, the first round's training), "per round" the mean of the later rounds.
+
+``--mode``/``--model`` set ``model.mode``/``model.name`` on both sides (``--mode lora``: a run where
+training, not start-up, is most of the work); the result is ``results/framework[_<scenario>][_<mode>]
+[_<model>][_no_secagg].json``.
 
 Target: <= 1.2x for the default scenario (hospitals).
 
-Usage: ``python -m benchmarks.framework [--scenario hospitals] [--rounds N] [--local-steps N]
-[--repeats 2] [--no-secagg] [--bare-threads 1]``
+Usage: ``python -m benchmarks.framework [--scenario hospitals] [--mode lora] [--model tiny-bert] [--rounds N]
+[--local-steps N] [--repeats 2] [--no-secagg] [--bare-threads 1]``
 """
 
 from __future__ import annotations
@@ -33,7 +42,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks._common import fmt, quiet_env, spread, table, write
-from benchmarks._proctree import run_tree
+from benchmarks._proctree import TreeRun, _sample, run_tree
 
 
 def _overrides(args: argparse.Namespace) -> dict[str, Any]:
@@ -42,7 +51,53 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
         out["rounds"] = args.rounds
     if args.local_steps:
         out["training.local_steps"] = args.local_steps
+    if args.mode:
+        out["model.mode"] = args.mode
+    if args.model:
+        out["model.name"] = args.model
     return out
+
+
+def run_timeline(cmd: list[str], metrics: Path, interval: float = 0.5) -> tuple[TreeRun, list[float]]:
+    """:func:`run_tree` (wall, tree CPU, peak PSS), plus the tree's CPU seconds when each round was recorded.
+
+    ``metrics.json`` is rewritten after every round: the first sample that sees round k holds the CPU spent
+    up to the end of round k (late by at most ``interval``).
+    """
+    import subprocess
+    import threading
+
+    start = time.perf_counter()
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=dict(os.environ))
+    cpu: dict[tuple[int, float], float] = {}
+    peak = [0.0, 0.0, 0]
+    chunks: list[str] = []
+    reader = threading.Thread(target=lambda: chunks.extend(proc.stdout or []), daemon=True)
+    reader.start()
+    at_round: list[float] = []
+    while proc.poll() is None:
+        rss, pss, n = _sample(proc.pid, cpu)
+        peak = [max(peak[0], rss), max(peak[1], pss), max(peak[2], n)]
+        try:
+            done = len(json.loads(metrics.read_text())["rounds"])
+        except (OSError, ValueError, KeyError):
+            done = 0
+        at_round += [sum(cpu.values())] * (done - len(at_round))
+        time.sleep(interval)
+    wall = time.perf_counter() - start
+    reader.join(timeout=5)
+    tree = TreeRun(proc.returncode, wall, peak[0], peak[1], int(peak[2]), "".join(chunks), sum(cpu.values()))
+    return tree, at_round
+
+
+def _cpu_phases(at_round: list[float], total: float) -> dict[str, float | None]:
+    """Launch to the end of round 1, the mean later round, and after the last round, in CPU seconds."""
+    later = (at_round[-1] - at_round[0]) / (len(at_round) - 1) if len(at_round) > 1 else None
+    return {
+        "to_round1_cpu_s": at_round[0] if at_round else None,
+        "per_later_round_cpu_s": later,
+        "after_last_round_cpu_s": total - at_round[-1] if at_round else None,
+    }
 
 
 def bare(args: argparse.Namespace) -> dict[str, float]:
@@ -72,6 +127,8 @@ def bare(args: argparse.Namespace) -> dict[str, float]:
     }
     accountants = {cid: make_accountant(cfg.client_settings(cid).accountant) for cid in train}
     setup = time.perf_counter() - t0
+    setup_cpu = time.process_time()  # this process' CPU since launch: imports included
+    round_cpu: list[float] = []
     global_arrays = get_trainable(model)
     evaluate(model, test, batch_size=t.eval_batch_size, device=device)
     rng = np.random.default_rng(cfg.seed)
@@ -95,6 +152,8 @@ def bare(args: argparse.Namespace) -> dict[str, float]:
                 dp=DPSettings(m.noise_multiplier, m.max_grad_norm, cfg.model.mode, m.sample_rate),
                 accountant=accountants[cid],
                 device=device,
+                max_physical_batch=None if cfg.model.mode == "head" else t.max_physical_batch,  # as the clients do
+                optimizer=t.optimizer,
             )
             train_s += time.perf_counter() - start
             updates.append(get_trainable(model))
@@ -103,7 +162,14 @@ def bare(args: argparse.Namespace) -> dict[str, float]:
         global_arrays = [sum(wi * u[i] for wi, u in zip(w, updates, strict=True)) for i in range(len(global_arrays))]
         set_trainable(model, global_arrays)
         evaluate(model, test, batch_size=t.eval_batch_size, device=device)
-    return {"setup_s": setup, "train_s": train_s, "total_in_process_s": time.perf_counter() - t0}
+        round_cpu.append(time.process_time())
+    return {
+        "setup_s": setup,
+        "train_s": train_s,
+        "total_in_process_s": time.perf_counter() - t0,
+        "setup_cpu_s": setup_cpu,
+        "cpu_at_round_end_s": round_cpu,
+    }
 
 
 def main() -> None:
@@ -111,6 +177,8 @@ def main() -> None:
     parser.add_argument("--scenario", default="hospitals")
     parser.add_argument("--rounds", type=int)
     parser.add_argument("--local-steps", type=int)
+    parser.add_argument("--mode", choices=("lora", "last-layers", "full", "head"), help="model.mode")
+    parser.add_argument("--model", help="model.name (minilm, tiny-bert, ...)")
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--no-secagg", action="store_true")
     parser.add_argument(
@@ -138,6 +206,10 @@ def main() -> None:
         common += ["--rounds", str(args.rounds)]
     if args.local_steps:
         common += ["--local-steps", str(args.local_steps)]
+    if args.mode:
+        common += ["--mode", args.mode]
+    if args.model:
+        common += ["--model", args.model]
     bare_cmd = [sys.executable, "-m", "benchmarks.framework", "--bare", "--scenario", args.scenario, *common]
     bare_cmd += ["--bare-threads", str(args.bare_threads)]
     pairs: list[dict[str, Any]] = []
@@ -145,7 +217,7 @@ def main() -> None:
         for rep in range(args.repeats):
             sim_cmd = [sys.executable, "-m", "fedllm", "simulate", args.scenario, *common, "--quiet"]
             sim_cmd += ["--out", str(Path(tmp) / f"run{rep}")] + (["--no-secagg"] if args.no_secagg else [])
-            sim = run_tree(sim_cmd, env=dict(os.environ))
+            sim, sim_at_round = run_timeline(sim_cmd, Path(tmp) / f"run{rep}" / "metrics.json")
             if sim.returncode != 0:
                 print(sim.output[-3000:], file=sys.stderr)
                 sys.exit(1)
@@ -155,6 +227,8 @@ def main() -> None:
                 print(plain.output[-3000:], file=sys.stderr)
                 sys.exit(1)
             phases = json.loads(plain.output.strip().splitlines()[-1])
+            # the bare loop's own clock misses only the interpreter's exit; charge that to "after"
+            bare_cpu = _cpu_phases(phases["cpu_at_round_end_s"], plain.cpu_s)
             pair = {
                 "sim_wall_s": sim.wall_s,
                 "sim_round_seconds": [r["seconds"] for r in metrics["rounds"]],
@@ -170,6 +244,10 @@ def main() -> None:
                 "bare_cpu_s": plain.cpu_s,
                 "ratio": sim.wall_s / plain.wall_s,
                 "cpu_ratio": sim.cpu_s / plain.cpu_s,
+                "sim_cpu_at_round_end_s": sim_at_round,
+                "sim_cpu_phases": _cpu_phases(sim_at_round, sim.cpu_s),
+                "bare_cpu_phases": bare_cpu,
+                "load_1min": os.getloadavg()[0],
             }
             pairs.append(pair)
             print(json.dumps(pair), flush=True)
@@ -182,6 +260,13 @@ def main() -> None:
     first_round = spread([p["sim_round_seconds"][0] for p in pairs])
     later_rounds = spread([x for p in pairs for x in p["sim_round_seconds"][1:]] or [0.0])
     bare_setup = spread([p["bare_phases"]["setup_s"] for p in pairs])
+
+    def cpu(side: str, key: str) -> str:
+        values = [p[f"{side}_cpu_phases"][key] for p in pairs if p[f"{side}_cpu_phases"][key] is not None]
+        return fmt(spread(values), 2, " CPU-s") if values else "-"
+
+    sim_tree_cpu = fmt(spread([p["sim_cpu_s"] for p in pairs]), 1, " CPU-s")
+    bare_tree_cpu = fmt(spread([p["bare_cpu_s"] for p in pairs]), 1, " CPU-s")
     rows = [
         ["simulate / bare loop, CPU time of the process trees", fmt(cpu_ratio), "<= 1.2x"],
         ["simulate / bare loop, wall time", fmt(ratio), "<= 1.2x"],
@@ -192,9 +277,19 @@ def main() -> None:
         ["simulate each later round", fmt(later_rounds, 1, " s"), ""],
         ["bare loop set-up (in process)", fmt(bare_setup, 1, " s"), ""],
         ["share of bare wall in train_dp", fmt(train_share, 2, ""), ""],
+        ["simulate CPU, whole tree", sim_tree_cpu, ""],
+        ["bare loop CPU", bare_tree_cpu, ""],
+        ["simulate CPU, launch to end of round 1", cpu("sim", "to_round1_cpu_s"), ""],
+        ["bare loop CPU, launch to end of round 1", cpu("bare", "to_round1_cpu_s"), ""],
+        ["simulate CPU, each later round", cpu("sim", "per_later_round_cpu_s"), ""],
+        ["bare loop CPU, each later round", cpu("bare", "per_later_round_cpu_s"), ""],
+        ["simulate CPU, after the last round (reports, shutdown)", cpu("sim", "after_last_round_cpu_s"), ""],
+        ["bare loop CPU, after the last round", cpu("bare", "after_last_round_cpu_s"), ""],
+        ["1-minute load average at each pair's end", fmt(spread([p["load_1min"] for p in pairs]), 1, ""), ""],
     ]
     print(table(["what", "median [min-max]", "target"], rows))
-    name = "framework" + ("_no_secagg" if args.no_secagg else "")
+    variant = [args.scenario if args.scenario != "hospitals" else "", args.mode or "", args.model or ""]
+    name = "_".join(["framework", *(Path(v).stem for v in variant if v)]) + ("_no_secagg" if args.no_secagg else "")
     payload = {"scenario": args.scenario, "overrides": _overrides(args), "secagg": not args.no_secagg}
     payload.update({"ratio": ratio, "cpu_ratio": cpu_ratio, "pairs": pairs, "bare_threads": args.bare_threads})
     print(f"\nwrote {write(name, payload)}")

@@ -38,6 +38,7 @@ from fedllm.training import TokenizedDataset
 
 POOLING = "mean-mask-l2-v2"  # part of the cache key: a change of pooling must never reuse old vectors
 EMBED_BATCH = 64
+DIGEST_BYTES = 32  # SHA-256
 
 _lock = threading.Lock()
 _memory: dict[str, dict[bytes, np.ndarray]] = {}  # encoder key -> text digest -> vector
@@ -101,7 +102,8 @@ def _read_new_shards(folder: Path, table: dict[bytes, np.ndarray], seen: set[str
         try:
             with np.load(shard) as z:
                 for key, vec in zip(z["keys"], z["vectors"], strict=True):
-                    table[bytes(key)] = vec
+                    # numpy's fixed-width bytes drop trailing zero bytes (1 digest in 256 ends in one): pad back
+                    table[bytes(key).ljust(DIGEST_BYTES, b"\0")] = vec
         except (OSError, ValueError, KeyError):  # a torn or foreign file: recompute rather than trust it
             continue
         seen.add(shard.name)
@@ -111,7 +113,7 @@ def _save_shard(folder: Path, keys: list[bytes], vectors: np.ndarray) -> str:
     """A new shard under a content name, written to a temp file and renamed: concurrent nodes never clash."""
     digest = hashlib.sha256(b"".join(keys)).hexdigest()[:32]
     buf = io.BytesIO()
-    np.savez(buf, keys=np.array(keys, dtype="S32"), vectors=vectors)
+    np.savez(buf, keys=np.array(keys, dtype=f"S{DIGEST_BYTES}"), vectors=vectors)
     atomic_write_bytes(folder / f"{digest}.npz", buf.getvalue())
     return f"{digest}.npz"
 

@@ -12,17 +12,16 @@ import math
 from pathlib import Path
 from typing import Any
 
-from rich.console import Console
-from rich.table import Table
-
-from fedllm.accounting import PRV_EPS_ERROR
-from fedllm.audit.empirical_rerun import audit_run
 from fedllm.audit.findings import CLEAN, DEFAULT_TOLERANCE, SAME_ACCOUNTANT_RTOL, UNVERIFIED, AuditResult, fmt
-from fedllm.audit.verify import audit
 
 
 def print_audit(result: AuditResult, console: Any = None) -> None:
     """The per-client table, the tolerances used, the findings and the verdict."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from fedllm.accounting import PRV_EPS_ERROR  # loads opacus: only when there is a table to print
+
     console = console or Console()
     unverified = set(result.unverified) - set(result.flagged)
     title = f"Privacy audit of {result.run_dir}" + ("" if result.private else " (NON-PRIVATE run)")
@@ -97,6 +96,9 @@ def register(subparsers: Any) -> None:
 def run(args: argparse.Namespace) -> int:
     """0 when the audit is clean, 1 on any finding, 3 when nothing was found but a client's ledger or key is
     missing (``EXIT_STATUS``): a script that only tests for 0 never mistakes an unchecked run for a clean one."""
+    from fedllm.audit.empirical_rerun import audit_run
+    from fedllm.audit.verify import audit
+
     if getattr(args, "empirical", False):
         audit_run(args.dir)  # stored in DIR/empirical/result.json, where audit() finds it
     result = audit(args.dir, args.tolerance)

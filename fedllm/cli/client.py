@@ -8,23 +8,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from fedllm import faults
-from fedllm.apps.client import app
-from fedllm.data.readers import read_table
-from fedllm.deploy import (
-    INSECURE_WARNING,
-    flower_env,
-    flower_program,
-    format_address,
-    node_logging,
-    parse_address,
-    supervise,
-    wait_for_port,
-    write_secret,
-)
 from fedllm.errors import ConfigError, FedllmError
-from fedllm.node import NodeRunner, TrustPolicy, own_bundle_hash
-from fedllm.profile import NODE_CONFIG_KEY, load_profile
 
 
 def register(subparsers: Any) -> None:
@@ -47,6 +31,23 @@ def run(args: argparse.Namespace) -> int:
     secret is held by the runner alone (its file is removed once the SuperNode has read it), so no other
     local process can claim the node's tasks.
     """
+    # Here, not at the top: `fedllm --help` and every other command would load the ML stack with the app.
+    from fedllm import faults
+    from fedllm.apps.client import app
+    from fedllm.data.readers import read_table
+    from fedllm.deploy import (
+        INSECURE_WARNING,
+        flower_env,
+        flower_program,
+        format_address,
+        node_logging,
+        parse_address,
+        supervise,
+        wait_for_port,
+        write_secret,
+    )
+    from fedllm.node import NodeRunner, TrustPolicy, own_bundle_hash
+    from fedllm.profile import NODE_CONFIG_KEY, load_profile
 
     faults.refuse_if_set("a deployed node")  # test-only switches weaken privacy: never on a real node
     profile = load_profile(args.profile)

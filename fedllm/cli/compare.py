@@ -10,10 +10,6 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from fedllm.files import atomic_write_json, atomic_write_text
-from fedllm.report.curve import compare, point_facts, render_table
-from fedllm.report.svg import curve_chart
-
 
 def register(subparsers: Any) -> None:
     parser = subparsers.add_parser("compare", help="accuracy vs epsilon over several runs of one scenario")
@@ -24,6 +20,10 @@ def register(subparsers: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from fedllm.files import atomic_write_json, atomic_write_text
+    from fedllm.report.curve import compare, point_facts, render_table
+    from fedllm.report.svg import curve_chart
+
     points = compare(args.runs)
     print(render_table(points))
     facts = [point_facts(p) for p in points]

@@ -6,8 +6,6 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from fedllm.export import export
-
 
 def register(subparsers: Any) -> None:
     parser = subparsers.add_parser(
@@ -22,6 +20,8 @@ def register(subparsers: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from fedllm.export import export  # torch and transformers: only for this command
+
     out = export(args.run_dir, args.out, args.kind)
     print(f"exported {args.kind} model of {args.run_dir} to {out}")
     return 0

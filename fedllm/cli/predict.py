@@ -8,7 +8,6 @@ from pathlib import Path
 from typing import Any
 
 from fedllm.errors import ConfigError
-from fedllm.predict import predict, read_texts, write_predictions
 
 
 def register(subparsers: Any) -> None:
@@ -23,6 +22,8 @@ def register(subparsers: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from fedllm.predict import predict, read_texts, write_predictions  # torch and transformers
+
     if args.file is not None and not args.text_column:
         raise ConfigError("--file: needs --text-column C, the column holding the text")
     if args.text is not None and args.text_column:

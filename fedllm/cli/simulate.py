@@ -8,12 +8,9 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from fedllm import progress
 from fedllm.cli.args import positive_float, positive_int
 from fedllm.config import FederationConfig, load_config
 from fedllm.errors import ConfigError
-from fedllm.run import lifecycle
-from fedllm.simulation import quiet_logs
 
 
 def register(subparsers: Any) -> None:
@@ -25,7 +22,8 @@ def register(subparsers: Any) -> None:
     sim.add_argument("--epsilon", type=positive_float("--epsilon"), help="every client's epsilon budget")
     sim.add_argument("--delta", type=positive_float("--delta"), help="every client's delta")
     sim.add_argument("--model", help="minilm (default), tiny-bert, or a local checkpoint path / hub id")
-    sim.add_argument("--mode", choices=("lora", "last-layers", "full", "head"))
+    sim.add_argument("--mode", choices=("lora", "last-layers", "full", "head", "head-lora"))
+    sim.add_argument("--head-rounds", type=positive_int("--head-rounds"), help="head-lora: rounds of the head alone")
     sim.add_argument("--data", help="built-in name (medmcqa, banking77, medical-abstracts, synthetic) or a path")
     sim.add_argument("--text-column")
     sim.add_argument("--label-column")
@@ -60,6 +58,7 @@ def overrides_from(args: argparse.Namespace) -> dict[str, Any]:
         "privacy.delta": args.delta,
         "model.name": args.model,
         "model.mode": args.mode,
+        "model.head_rounds": args.head_rounds,
         "data.source": args.data,
         "data.text_column": args.text_column,
         "data.label_column": args.label_column,
@@ -89,6 +88,11 @@ def _apply_budget_flags(cfg: FederationConfig, args: argparse.Namespace) -> Fede
 
 
 def run(args: argparse.Namespace) -> int:
+    # Here, not at the top: the run's stack (torch, Opacus, Flower, Ray) loads only for a simulation.
+    from fedllm import progress
+    from fedllm.run import lifecycle
+    from fedllm.simulation import quiet_logs
+
     quiet_logs(args.verbose)
     if args.resume:
         if args.scenario or args.out or overrides_from(args):

@@ -66,6 +66,21 @@ def test_features_are_normalised_cached_on_disk_and_reused(tiny_texts, tmp_path)
     assert feats.encoder_key(TINY_HEAD) != feats.encoder_key(ModelConfig(name="tiny-bert", max_length=16))
 
 
+def test_a_text_whose_digest_ends_in_a_zero_byte_is_found_on_disk(tiny_texts, tmp_path, monkeypatch):
+    """Fixed-width bytes in the shard drop a digest's trailing zero bytes (1 text in 256): such rows must
+    still be found by a new process, not embedded again by every process in every run."""
+    from fedllm import features as feats
+
+    texts = [f"note {i} about a loan" for i in range(2000)]
+    zero_tail = [t for t in texts if feats.text_digest(t).endswith(b"\0")][:2]
+    assert zero_tail  # about 8 of 2,000
+    first = features(TINY_HEAD, zero_tail)
+    feats._memory.clear()  # a new process
+    feats._shards_read.clear()
+    monkeypatch.setattr(feats, "_embed", lambda *a: pytest.fail("embedded again: the cached row was not found"))
+    assert (features(TINY_HEAD, zero_tail) == first).all()
+
+
 def test_a_node_reads_what_another_process_embedded_instead_of_embedding_again(tiny_texts, tmp_path):
     """Simulated nodes share one cache folder from separate Ray workers: a worker that loaded the store
     before another wrote its shard must read that shard, not recompute (which cost minutes per round)."""
