@@ -17,7 +17,7 @@ every size, and only the number of registered clients differs.
 ``--sample-driver`` also samples the driver's Python stacks (every thread: Flower runs the ServerApp in a
 thread, so ``python -m cProfile`` would see only the main one) every 20 ms and writes the functions seen
 most often, inclusive, per phase (start-up / rounds), for the largest size's first repeat:
-``benchmarks/results/scale_profile_<N>.txt``.
+``benchmarks/results/<name>_profile_<N>.txt`` (``--name``, default ``scale``).
 
 Usage: ``python -m benchmarks.scale [--sizes 100 1000 10000] [--repeats 2] [--rounds 4] [--per-round 10]
 [--rows-per-client 3] [--sample-driver] [-- extra fedllm simulate flags]``
@@ -114,6 +114,7 @@ def one_run(n: int, args: argparse.Namespace, out: Path, scenario: Path, profile
         cmd = [sys.executable, "-m", "benchmarks.scale", "--sampled-driver", str(profile), "--", *flags]
     else:
         cmd = [sys.executable, "-m", "fedllm", *flags]
+    load_before = os.getloadavg()
     watch = _FirstMetrics(out / "metrics.json", time.perf_counter())
     tree = run_tree(cmd, env=dict(os.environ))
     startup = watch.stop()
@@ -126,6 +127,7 @@ def one_run(n: int, args: argparse.Namespace, out: Path, scenario: Path, profile
         "peak_pss_mb": tree.peak_pss_mb,
         "peak_processes": tree.peak_processes,
         "cpu_s": tree.cpu_s,
+        "load_before": load_before,
         "load_after": os.getloadavg(),
     }
     metrics = out / "metrics.json"
@@ -265,7 +267,7 @@ def main() -> None:
         for rep in range(args.repeats):
             for n in sizes:
                 sampled = args.sample_driver and n == sizes[-1] and not rep
-                profile = RESULTS / f"scale_profile_{n}.txt" if sampled else None
+                profile = RESULTS / f"{args.name}_profile_{n}.txt" if sampled else None
                 RESULTS.mkdir(parents=True, exist_ok=True)
                 rec = one_run(n, args, Path(tmp) / f"n{n}-r{rep}", files[n], profile)
                 rec["repeat"] = rep

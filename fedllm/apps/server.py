@@ -37,6 +37,7 @@ from fedllm.run.recorder import ModelRecord, Recorder
 from fedllm.run.rundir import RunDir
 from fedllm.run.spec import RunSpec, spec_from_run_config
 from fedllm.secure_aggregation import Masking, fit_workflow
+from fedllm.simulation import list_nodes_once
 from fedllm.strategy import BudgetAwareFedAvg, Selection
 from fedllm.training import evaluate
 
@@ -116,6 +117,7 @@ def run_federation(
         )
         legacy = LegacyContext(context=context, config=ServerConfig(num_rounds=cfg.rounds - done), strategy=strategy)
         secagg = fit_workflow(cfg.secure_aggregation, masking.max_weight) if masking else None
+        list_nodes_once(grid, cfg.num_clients)  # a simulated federation's nodes never change once all joined
         DefaultWorkflow(fit_workflow=secagg)(grid, legacy)
         metrics.wall_seconds = time.monotonic() - started
         recorder.save()

@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import hashlib
 import pickle
+import sys
+import threading
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass
-from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -50,22 +51,71 @@ class ShippedSpec:
 
     Flower's Ray backend pickles the ClientApp, closures and all, with every message it hands a worker: a
     spec of 10,000 ``[[clients]]`` is 0.5 MB that took 0.1-0.2 s to pickle and as long to rebuild, for each
-    of SecAgg+'s four messages per sampled client per round. Pickled once here; a worker rebuilds it once
-    and finds it again by digest.
+    of SecAgg+'s four messages per sampled client per round. Pickled once here. Where this process drives
+    Ray, the pickle goes to Ray's object store once per Ray session and a message carries only its digest
+    and a reference (a 0.5 MB argument would be copied through the object store with every message); a
+    worker fetches and rebuilds the spec once, on first use, and finds it again by digest. Pickled without
+    Ray, the blob itself travels and is rebuilt once per process, as before.
     """
 
-    def __init__(self, spec: RunSpec, blob: bytes | None = None):
-        self.spec = spec
-        self._blob = pickle.dumps(spec) if blob is None else blob
-        self._digest = hashlib.sha256(self._blob).hexdigest()
+    def __init__(self, spec: RunSpec | None, blob: bytes | None = None, digest: str = "", ref: Any = None):
+        self._spec = spec
+        self._blob = pickle.dumps(spec) if blob is None and spec is not None else blob
+        self._digest = digest or hashlib.sha256(self._blob or b"").hexdigest()
+        self._ref = ref  # a worker's reference to the blob in the object store, fetched on first use
+        self._stored: tuple[tuple[str, str], Any] | None = None  # (Ray node, job) -> the driver's reference
+        self._lock = threading.Lock()
 
-    def __reduce__(self) -> tuple[Any, tuple[str, bytes]]:
+    @property
+    def spec(self) -> RunSpec:
+        if self._spec is None:
+            self._spec = _REBUILT.get(self._digest) or _rebuild(self._digest, _fetch(self._ref))
+        return self._spec
+
+    def __reduce__(self) -> tuple[Any, tuple[str, Any]]:
+        ref = self._object_ref()
+        if ref is not None:
+            return _unship_ref, (self._digest, ref)
         return _unship, (self._digest, self._blob)
 
+    def _object_ref(self) -> Any:
+        """The blob in the object store of the Ray session this process drives, put there once; None without
+        Ray. Keyed by node and job, so a later ``ray.init`` in the same process (tests) puts it again."""
+        ray = sys.modules.get("ray")
+        if ray is None or not ray.is_initialized() or self._blob is None:
+            return None
+        context = ray.get_runtime_context()
+        session = (context.get_node_id(), context.get_job_id())
+        with self._lock:  # Flower hands messages to the workers from a pool of threads
+            if self._stored is None or self._stored[0] != session:
+                self._stored = (session, ray.put(self._blob))
+            return self._stored[1]
 
-@lru_cache(maxsize=4)
-def _unship(_digest: str, blob: bytes) -> ShippedSpec:
-    return ShippedSpec(pickle.loads(blob), blob)
+
+_REBUILT: dict[str, RunSpec] = {}  # digest -> the spec this process rebuilt from it
+
+
+def _rebuild(digest: str, blob: bytes) -> RunSpec:
+    if len(_REBUILT) >= 4:
+        _REBUILT.clear()  # a worker serves one run at a time; never grow without bound
+    spec = _REBUILT[digest] = pickle.loads(blob)
+    return spec
+
+
+def _fetch(ref: Any) -> bytes:
+    import ray
+
+    return ray.get(ref)
+
+
+def _unship(digest: str, blob: bytes) -> ShippedSpec:
+    spec = _REBUILT.get(digest) or _rebuild(digest, blob)
+    return ShippedSpec(spec, blob, digest)
+
+
+def _unship_ref(digest: str, ref: Any) -> ShippedSpec:
+    """Called while Ray unpickles a message's arguments: the fetch waits for the first use of ``spec``."""
+    return ShippedSpec(_REBUILT.get(digest), None, digest, ref)
 
 
 def spec_from_run_config(run_config: Mapping[str, Any]) -> RunSpec:
