@@ -59,6 +59,11 @@ class Recipe:
     rounds: int = 10
     clients_per_round: int | None = None  # None: the scenario's
     project: int = 0  # > 0: features projected on this many principal axes of ANOTHER public data set
+    # Public priors (no privacy spent: they read only the label schema or another public set). Off by default.
+    center: str = ""  # "medmcqa" / "banking77": subtract that public set's mean feature; "label-names": theirs
+    head_init: str = "zero"  # "label-names": weight rows = init_scale * (embedded label name); bias 0
+    init_scale: float = 10.0
+    label_template: str = "{}"  # the text each label name is embedded as, e.g. "a customer asks about {}"
 
 
 def scenario_raw(name: str) -> dict[str, Any]:
@@ -131,6 +136,59 @@ def _projected(name: str, dims: int, sets: list, model_cfg) -> tuple[list, Any, 
     return out[:-2], out[-2], out[-1]
 
 
+def label_texts(label_names: Sequence[str], template: str = "{}") -> list[str]:
+    """The public label schema as text: ``card_arrival`` -> ``card arrival``, put in ``template``."""
+    return [template.format(n.replace("_", " ").strip()) for n in label_names]
+
+
+def label_embeddings(model_cfg, label_names: Sequence[str], template: str = "{}") -> Any:
+    """(labels, dim) tensor: each label's text through the same frozen encoder and pooling as the examples
+    (``fedllm.features.features``: mean-pooled, L2-normalised). Public: it reads only the label names."""
+    import torch
+
+    from fedllm.features import features
+
+    return torch.from_numpy(features(model_cfg, label_texts(label_names, template)))
+
+
+def public_mean(source: str, model_cfg, label_vectors: Any = None) -> Any:
+    """The centering vector, from public data only: the mean feature of another public data set's pool
+    (``medmcqa``, ``banking77``...) or, for ``label-names``, the mean of the embedded label names. The
+    features of any one text set share a large common direction; per-example gradients of a softmax head
+    are (p - y) x^T, so that direction spends clipping norm on every example and carries no class signal."""
+    import torch
+
+    from fedllm.config import DataConfig
+    from fedllm.data.sources import load_source
+    from fedllm.features import features
+
+    if source == "label-names":
+        return label_vectors.mean(0)
+    pool = load_source(DataConfig(source=source), 0).pool
+    return torch.from_numpy(features(model_cfg, [r.text for r in pool])).mean(0)
+
+
+def centered(x: Any, mean: Any) -> Any:
+    """``normalize(x - mean)`` row-wise: the features (and label vectors) as the head sees them."""
+    import torch
+
+    return torch.nn.functional.normalize(x - mean, dim=-1)
+
+
+def init_from_labels(head, label_vectors: Any, scale: float) -> None:
+    """A zero-shot start: weight row c = ``scale`` * label vector c, bias 0, so the untrained head predicts the
+    label whose name is nearest in cosine (``scale`` is the inverse softmax temperature). DP-SGD then moves it
+    from there instead of from the uniform prediction."""
+    import torch
+
+    linear = head.net
+    if not isinstance(linear, torch.nn.Linear):
+        raise ValueError("label-name initialisation needs a linear head (head_hidden 0)")
+    with torch.no_grad():
+        linear.weight.copy_(scale * label_vectors)
+        linear.bias.zero_()
+
+
 def run_federated(
     name: str, recipe: Recipe, epsilon: float | None, seed: int, *, keep_curve: bool = False
 ) -> dict[str, Any]:
@@ -139,6 +197,7 @@ def run_federated(
 
     from fedllm.accounting import epsilon_of, make_accountant
     from fedllm.budget import _calibrated as calibrate_noise  # the product's own, memoized per process
+    from fedllm.features import FeatureDataset
     from fedllm.model import build_head, get_trainable, set_trainable
     from fedllm.training import DPSettings, evaluate, train_dp, train_plain
 
@@ -146,11 +205,28 @@ def run_federated(
     cfg, fed = federation(name, seed)
     model_cfg = replace(cfg.model, mode=recipe.mode, head_hidden=recipe.head_hidden)
     train, val, test = _feature_sets(cfg, fed)
+    if recipe.project and (recipe.center or recipe.head_init != "zero"):
+        raise ValueError("project does not combine with center / head_init in this study")
     if recipe.project:
         train, val, test = _projected(name, recipe.project, [*train, val, test], model_cfg)
+    labels_vec = None
+    if recipe.head_init == "label-names" or recipe.center == "label-names":
+        labels_vec = label_embeddings(model_cfg, fed.label_names, recipe.label_template)
+    if recipe.center:
+        mean = public_mean(recipe.center, model_cfg, labels_vec)
+        train, val, test = (
+            [FeatureDataset.from_arrays(centered(d.features, mean), d.labels) for d in train],
+            FeatureDataset.from_arrays(centered(val.features, mean), val.labels),
+            FeatureDataset.from_arrays(centered(test.features, mean), test.labels),
+        )
+        labels_vec = None if labels_vec is None else centered(labels_vec, mean)
     prep_wall = time.perf_counter() - wall0
     num_labels = len(fed.label_names)
     head = build_head(model_cfg, num_labels)
+    if recipe.head_init == "label-names":
+        init_from_labels(head, labels_vec, recipe.init_scale)
+    elif recipe.head_init != "zero":
+        raise ValueError(f"unknown head_init {recipe.head_init!r}")
     if recipe.project:
         from fedllm.model import FeatureHead
 
@@ -169,7 +245,9 @@ def run_federated(
     # study's largest cost, and the clients' rates differ by a few percent.
     q_max = max(rates)
     sigma = (
-        None if epsilon is None else calibrate_noise(epsilon, delta, q_max, recipe.rounds * recipe.local_steps, "prv")
+        None
+        if epsilon is None or recipe.rounds == 0  # 0 rounds: the initial head alone (zero-shot)
+        else calibrate_noise(epsilon, delta, q_max, recipe.rounds * recipe.local_steps, "prv")
     )
     sigmas = [sigma for _ in train]
     global_arrays = get_trainable(head)

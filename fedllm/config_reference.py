@@ -46,6 +46,7 @@ def _allowed() -> dict[str, str]:
     """Enumerations, from the constants :func:`fedllm.config.validation.validate` checks against."""
     return {
         "model.mode": ", ".join(f"`{m}`" for m in C.MODES),
+        "model.head_init": ", ".join(f"`{m}`" for m in C.HEAD_INITS),
         "privacy.accountant": ", ".join(f"`{a}`" for a in C.ACCOUNTANTS),
         "data.partition": ", ".join(f"`{p}`" for p in PARTITIONS),
         "data.source": ", ".join(f"`{s}`" for s in BUILTIN_SOURCES)

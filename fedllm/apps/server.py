@@ -30,6 +30,7 @@ from fedllm.data.federation import federation_data
 from fedllm.data.records import FederatedData
 from fedllm.errors import ConfigError
 from fedllm.features import node_dataset
+from fedllm.head_prior import init_head
 from fedllm.ledger import Ledger
 from fedllm.metrics import RoundRecord, RunMetrics
 from fedllm.model import build_model, get_trainable, pick_device, set_trainable
@@ -66,8 +67,11 @@ def _masking(cfg: FederationConfig, fed: FederatedData) -> Masking | None:
     return Masking(s.clipping_range, s.max_weight or known or DEPLOYED_MAX_WEIGHT)
 
 
-def _start(spec: RunSpec, context: Context, model) -> tuple[RunMetrics, list[np.ndarray], int]:
-    """A new run's empty metrics and initial model, or a resumed run's, cut back to its checkpoint."""
+def _start(
+    spec: RunSpec, context: Context, model: nn.Module, label_names: tuple[str, ...]
+) -> tuple[RunMetrics, list[np.ndarray], int]:
+    """A new run's empty metrics and initial model (its head started from the label names where the scenario
+    asks, :mod:`fedllm.head_prior`), or a resumed run's, cut back to its checkpoint."""
     run_dir = RunDir(spec.out_dir)
     cfg = spec.config
     if spec.resume:
@@ -82,6 +86,7 @@ def _start(spec: RunSpec, context: Context, model) -> tuple[RunMetrics, list[np.
         rounds_planned=cfg.rounds,
         transport=spec.transport,
     )
+    init_head(model, cfg.model, label_names)
     return metrics, get_trainable(model), 0
 
 
@@ -98,7 +103,7 @@ def run_federation(
     fed = federation_data(cfg)
     model = model if model is not None else build_model(cfg.model, len(fed.label_names))
     test = node_dataset(cfg.model, fed.central_test)  # tokens, or in head mode features computed once
-    metrics, initial, done = _start(spec, context, model)
+    metrics, initial, done = _start(spec, context, model, fed.label_names)
     names = tuple(name for name, p in model.named_parameters() if p.requires_grad)  # what `fedllm export` maps
     masking = _masking(cfg, fed)
     with Ledger(spec.ledger_path) as ledger:

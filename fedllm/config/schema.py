@@ -17,6 +17,7 @@ from fedllm.errors import ConfigError
 DEFAULT_SCENARIO = "hospitals"
 MODES = ("lora", "last-layers", "full", "head", "head-lora")
 ACCOUNTANTS = ("pld", "prv", "rdp")
+HEAD_INITS = ("zeros", "label-names")
 
 
 @dataclass(frozen=True)
@@ -32,6 +33,7 @@ class ModelConfig:
     last_layers: int = 1  # last-layers mode: how many of the last encoder blocks train (>= 1)
     head_hidden: int = 0  # head, head-lora: 0 = a linear head on the pooled features, else one hidden ReLU layer
     head_rounds: int = 0  # head-lora: the first rounds train the head alone on cached features, then LoRA too
+    head_init: str = "zeros"  # head, head-lora: the linear head's start: zeros, or label-names (zero-shot, no cost)
     seed: int = 0  # the head's (and LoRA's) initial weights, identical on every node
 
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from fedllm.config.schema import ACCOUNTANTS, MODES, FederationConfig
+from fedllm.config.schema import ACCOUNTANTS, HEAD_INITS, MODES, FederationConfig
 from fedllm.errors import ConfigError
 
 
@@ -64,6 +64,15 @@ def validate(cfg: FederationConfig, source: str = "config") -> None:
     _check(m.head_rounds >= 0, source, "model.head_rounds", "must be >= 0", m.head_rounds)
     if m.mode == "head-lora":
         _check(m.head_rounds >= 1, source, "model.head_rounds", "must be >= 1 in head-lora mode", m.head_rounds)
+    _check(m.head_init in HEAD_INITS, source, "model.head_init", f"must be one of {', '.join(HEAD_INITS)}", m.head_init)
+    if m.head_init != "zeros":
+        _check(
+            m.mode in ("head", "head-lora") and m.head_hidden == 0,
+            source,
+            "model.head_init",
+            "label-names needs a linear head on pooled features (mode head or head-lora, head_hidden = 0)",
+            m.head_init,
+        )
     if t.lora_learning_rate is not None:
         _check(t.lora_learning_rate > 0, source, "training.lora_learning_rate", "must be > 0", t.lora_learning_rate)
     _check(t.local_steps >= 1, source, "training.local_steps", "must be >= 1", t.local_steps)
