@@ -60,6 +60,16 @@ def tiny_run_copy(simulated_tiny_run, tmp_path):
     return dest
 
 
+@pytest.fixture
+def own_feature_cache(tmp_path, monkeypatch):
+    """Each test's features on disk are its own: no test passes on another's cached vectors."""
+    from fedllm import features as feats
+
+    monkeypatch.setenv("FEDLLM_FEATURES", str(tmp_path / "features"))
+    feats._memory.clear()
+    feats._shards_read.clear()
+
+
 # ---------------------------------------------------------------------------------------------- deployed node
 
 NODE_LABELS = ("finance", "health", "sports", "weather")

@@ -28,14 +28,7 @@ INTENTS = ["age_limit", "apple_pay_or_google_pay", "terminate_account", "change_
 HAS_BANKING77 = (shared_data_dir() / "banking77" / "train.csv").is_file()
 
 
-@pytest.fixture(autouse=True)
-def _own_feature_cache(tmp_path, monkeypatch):
-    """Each test's features on disk are its own: no test passes on another's cached vectors."""
-    from fedllm import features as feats
-
-    monkeypatch.setenv("FEDLLM_FEATURES", str(tmp_path / "features"))
-    feats._memory.clear()
-    feats._shards_read.clear()
+pytestmark = pytest.mark.usefixtures("own_feature_cache")  # each test embeds into its own cache
 
 
 def _state_digest(module: torch.nn.Module) -> str:

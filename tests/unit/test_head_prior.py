@@ -17,13 +17,7 @@ from fedllm.model import build_model, get_trainable
 LABELS = ("card_arrival", "lost_or_stolen_card", "top_up_failed")
 
 
-@pytest.fixture(autouse=True)
-def _own_feature_cache(tmp_path, monkeypatch):
-    from fedllm import features as feats
-
-    monkeypatch.setenv("FEDLLM_FEATURES", str(tmp_path / "features"))
-    feats._memory.clear()
-    feats._shards_read.clear()
+pytestmark = pytest.mark.usefixtures("own_feature_cache")  # each test embeds into its own cache
 
 
 @pytest.mark.parametrize("mode", ["head", "head-lora"])
