@@ -138,7 +138,9 @@ def _projected(name: str, dims: int, sets: list, model_cfg) -> tuple[list, Any, 
 
 def label_texts(label_names: Sequence[str], template: str = "{}") -> list[str]:
     """The public label schema as text: ``card_arrival`` -> ``card arrival``, put in ``template``."""
-    return [template.format(n.replace("_", " ").strip()) for n in label_names]
+    from fedllm.head_prior import label_text
+
+    return [template.format(label_text(n)) for n in label_names]
 
 
 def label_embeddings(model_cfg, label_names: Sequence[str], template: str = "{}") -> Any:
@@ -175,20 +177,6 @@ def centered(x: Any, mean: Any) -> Any:
     return torch.nn.functional.normalize(x - mean, dim=-1)
 
 
-def init_from_labels(head, label_vectors: Any, scale: float) -> None:
-    """A zero-shot start: weight row c = ``scale`` * label vector c, bias 0, so the untrained head predicts the
-    label whose name is nearest in cosine (``scale`` is the inverse softmax temperature). DP-SGD then moves it
-    from there instead of from the uniform prediction."""
-    import torch
-
-    linear = head.net
-    if not isinstance(linear, torch.nn.Linear):
-        raise ValueError("label-name initialisation needs a linear head (head_hidden 0)")
-    with torch.no_grad():
-        linear.weight.copy_(scale * label_vectors)
-        linear.bias.zero_()
-
-
 def run_federated(
     name: str, recipe: Recipe, epsilon: float | None, seed: int, *, keep_curve: bool = False
 ) -> dict[str, Any]:
@@ -198,6 +186,7 @@ def run_federated(
     from fedllm.accounting import epsilon_of, make_accountant
     from fedllm.budget import _calibrated as calibrate_noise  # the product's own, memoized per process
     from fedllm.features import FeatureDataset
+    from fedllm.head_prior import set_rows
     from fedllm.model import build_head, get_trainable, set_trainable
     from fedllm.training import DPSettings, evaluate, train_dp, train_plain
 
@@ -224,7 +213,7 @@ def run_federated(
     num_labels = len(fed.label_names)
     head = build_head(model_cfg, num_labels)
     if recipe.head_init == "label-names":
-        init_from_labels(head, labels_vec, recipe.init_scale)
+        set_rows(head, labels_vec, recipe.init_scale)  # the product's label-name start (fedllm.head_prior)
     elif recipe.head_init != "zero":
         raise ValueError(f"unknown head_init {recipe.head_init!r}")
     if recipe.project:

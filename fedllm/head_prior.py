@@ -36,10 +36,15 @@ def init_head(model: nn.Module, cfg: ModelConfig, label_names: Sequence[str]) ->
     if cfg.head_init != LABEL_NAMES:
         return
     head = model.head if cfg.mode == HEAD_LORA else model
+    set_rows(head, torch.from_numpy(features(cfg, [label_text(n) for n in label_names])))
+
+
+def set_rows(head: nn.Module, label_vectors: torch.Tensor, scale: float = SCALE) -> None:
+    """Row c of the linear head := ``scale`` x label vector c, bias 0: the untrained head predicts the label
+    whose name is nearest in cosine (``scale`` is the inverse softmax temperature)."""
     linear = head.net
     if not isinstance(linear, nn.Linear):  # validation refuses it; a guard, not a fallback
         raise ValueError("model.head_init: 'label-names' needs a linear head (head_hidden = 0)")
-    rows = torch.from_numpy(features(cfg, [label_text(n) for n in label_names]))
     with torch.no_grad():
-        linear.weight.copy_(SCALE * rows.to(linear.weight.dtype))
+        linear.weight.copy_(scale * label_vectors.to(linear.weight.dtype))
         linear.bias.zero_()
